@@ -1,0 +1,34 @@
+# StyleKit: every target bootstraps the pinned host first (a no-op in about a second when done).
+PYTHON ?= python3
+VENV   := .venv
+VPY    := $(VENV)/bin/python
+PORT   ?= 8188
+PYTEST_ARGS ?=
+
+.PHONY: setup fixtures test demo serve bench workflows clean
+
+setup:
+	@$(PYTHON) scripts/bootstrap.py
+
+fixtures: setup
+	@$(VPY) scripts/build_fixtures.py
+
+# pytest runs from its script, never `python -m pytest`: that would put the repo root on
+# sys.path, where our nodes/ package would shadow ComfyUI's nodes.py.
+test: fixtures
+	@$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+demo: setup
+	@$(VPY) scripts/demo.py
+
+serve: setup
+	@$(VPY) scripts/serve.py --port $(PORT)
+
+bench: fixtures
+	@$(VPY) scripts/bench.py
+
+workflows: fixtures
+	@$(VPY) scripts/make_workflows.py
+
+clean:
+	rm -rf .work out

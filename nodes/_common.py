@@ -1,0 +1,7 @@
+"""Names every node module shares."""
+
+CATEGORY = "StyleKit"
+
+
+def category(sub: str) -> str:
+    return f"{CATEGORY}/{sub}"

@@ -1,0 +1,35 @@
+"""Inspect a model's attention blocks: every name the ecosystem uses for each one."""
+from __future__ import annotations
+
+from comfy_api.latest import io, ui
+
+from ..patching.block_map import block_map
+from ._common import category
+
+
+class StyleKitBlockMap(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="StyleKitBlockMap",
+            display_name="StyleKit Block Map",
+            category=category("inspect"),
+            description=(
+                "Lists the model's attention blocks as StyleKit addresses them: ComfyUI block id, "
+                "transformer index, diffusers name, channels, heads, depth and the IP-Adapter key "
+                "numbers of the official files. Use it to pick blocks for per-block weights."),
+            inputs=[io.Model.Input("model", tooltip="An SD1.x, SD2.x or SDXL-family model.")],
+            outputs=[io.String.Output(display_name="table")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, model) -> io.NodeOutput:
+        try:
+            table = block_map(model).describe()
+        except TypeError as err:
+            raise ValueError(f"StyleKit Block Map: input 'model': {err}") from err
+        return io.NodeOutput(table, ui=ui.PreviewText(table))
+
+
+NODES = [StyleKitBlockMap]

@@ -1,0 +1,131 @@
+"""Run every workflows/api/*.json headless and collect the images under out/demo/NAME/.
+
+Tiny mode (default): the bundled or given ComfyUI with the tiny random-weight fixtures, each
+workflow shrunk by the tiny profile (tests/support/workflows.py); every workflow must run.
+User mode (COMFYUI_PATH set, or DEMO_MODELS=user): the models of that ComfyUI, the workflows as
+authored; a workflow whose model files are missing is reported and skipped.
+Writes out/demo/contact_sheet.png: one row per workflow.
+"""
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+from stylekit.tests.fixtures import ensure_all
+from stylekit.tests.fixtures.images import ensure_example_images
+from stylekit.tests.support.host import init_comfy
+from stylekit.tests.support.paths import BASE_DIR, PACK_LINK_NAME, REPO, WORK, HostMissing, host_path
+from stylekit.tests.support.server import ComfyServer, PromptFailed, PromptRejected, ServerError
+from stylekit.tests.support.workflows import api_workflow_names, load_api_workflow, tiny
+
+OUT = REPO / "out" / "demo"
+THUMB = 192
+
+
+def user_base_dir(comfyui: Path) -> Path:
+    """A base directory whose models/ is the user's, with the pack and the example images."""
+    base = WORK / "demo-base"
+    (base / "custom_nodes").mkdir(parents=True, exist_ok=True)
+    pack = base / "custom_nodes" / PACK_LINK_NAME
+    if not pack.is_symlink():
+        pack.symlink_to(REPO, target_is_directory=True)
+    models = base / "models"
+    if models.is_symlink() and Path(os.readlink(models)) != comfyui / "models":
+        models.unlink()
+    if not models.exists():
+        models.symlink_to(comfyui / "models", target_is_directory=True)
+    ensure_example_images(base / "input")
+    return base
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def contact_sheet(rows: list[tuple[str, list[Path]]], path: Path) -> None:
+    width = 260 + THUMB * max([len(images) for _, images in rows] + [1])
+    sheet = Image.new("RGB", (width, THUMB * max(len(rows), 1)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for row, (name, images) in enumerate(rows):
+        draw.text((10, row * THUMB + THUMB // 2 - 6), name, fill="black")
+        for col, image_path in enumerate(images):
+            with Image.open(image_path) as im:
+                thumb = im.convert("RGB")
+                thumb.thumbnail((THUMB - 4, THUMB - 4))
+                sheet.paste(thumb, (260 + col * THUMB + 2, row * THUMB + 2))
+    sheet.save(path)
+
+
+def run_workflow(server: ComfyServer, name: str, shrink: bool) -> tuple[str, list[Path]]:
+    prompt = load_api_workflow(name)
+    if shrink:
+        prompt = tiny(prompt)
+    outputs = server.run(prompt, timeout=3600)
+    target = OUT / name
+    shutil.rmtree(target, ignore_errors=True)
+    target.mkdir(parents=True)
+    saved = []
+    for i, ref in enumerate(outputs.images()):
+        path = target / f"{i:02d}_{ref['filename']}"
+        Image.open(io.BytesIO(server.fetch(ref))).save(path)
+        saved.append(path)
+    return "ok", saved
+
+
+def main() -> int:
+    user_mode = os.environ.get("DEMO_MODELS", "user" if os.environ.get("COMFYUI_PATH") else "tiny") == "user"
+    try:
+        host = host_path()
+    except HostMissing as err:
+        print(f"demo: error: {err}", file=sys.stderr)
+        return 2
+    if user_mode:
+        base_dir = user_base_dir(host)
+        cpu = not cuda_available()
+    else:
+        init_comfy()
+        ensure_all()
+        base_dir, cpu = BASE_DIR, True
+    OUT.mkdir(parents=True, exist_ok=True)
+    mode = "user models" if user_mode else "tiny fixtures"
+    print(f"demo: ComfyUI at {host}, {mode}, {'CPU' if cpu else 'GPU'}", flush=True)
+
+    rows, failures = [], []
+    try:
+        with ComfyServer(base_dir=base_dir, cpu=cpu) as server:
+            for name in api_workflow_names():
+                started = time.monotonic()
+                try:
+                    status, images = run_workflow(server, name, shrink=not user_mode)
+                except PromptRejected as err:
+                    status, images = f"skipped: {err}", []
+                    if not user_mode:
+                        failures.append(name)
+                except PromptFailed as err:
+                    status, images = f"failed: {err}", []
+                    failures.append(name)
+                print(f"  {name:<40} {status} ({len(images)} images, {time.monotonic() - started:.1f} s)", flush=True)
+                if images:
+                    rows.append((name, images))
+    except ServerError as err:
+        print(f"demo: error: {err}", file=sys.stderr)
+        return 2
+    sheet = OUT / "contact_sheet.png"
+    contact_sheet(rows, sheet)
+    print(f"demo: images under {OUT}/<workflow>/, contact sheet {sheet}")
+    if failures:
+        print(f"demo: {len(failures)} workflow(s) failed: {', '.join(failures)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

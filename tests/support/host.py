@@ -1,0 +1,44 @@
+"""In-process use of the ComfyUI host (library mode), shared by the host test layer and scripts."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+from .paths import BASE_DIR, host_path
+
+_state = {"comfy": None, "nodes": False}
+
+
+def init_comfy(base_dir: Path = BASE_DIR, load_nodes: bool = False) -> None:
+    """Import comfy on the CPU with base_dir as its base directory; idempotent.
+
+    comfy reads its CLI arguments at import time: `cpu` must be set before comfy.model_management
+    and `base_directory` before folder_paths are first imported (DESIGN §0). load_nodes also
+    imports core's nodes.py and comfy_extras (~5 s) for tests that call core nodes.
+    """
+    if _state["comfy"] is None:
+        root = str(host_path())
+        if root not in sys.path:
+            sys.path.insert(0, root)
+        import comfy.cli_args
+
+        comfy.cli_args.args.cpu = True
+        comfy.cli_args.args.disable_api_nodes = True
+        comfy.cli_args.args.base_directory = str(base_dir)
+        import comfy.model_management  # noqa: F401
+        import folder_paths  # noqa: F401
+
+        _state["comfy"] = Path(base_dir)
+    elif _state["comfy"] != Path(base_dir):
+        raise RuntimeError(f"comfy already initialised with base directory {_state['comfy']}, not {base_dir}")
+    if load_nodes and not _state["nodes"]:
+        # As main.py does: load ComfyUI's utils package before nodes.py puts comfy/ (with its
+        # utils.py) first on sys.path, or comfy_extras that import utils.* fail.
+        import utils.extra_config  # noqa: F401
+        import nodes
+
+        asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+        logging.getLogger().setLevel(logging.WARNING)
+        _state["nodes"] = True

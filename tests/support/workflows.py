@@ -1,0 +1,54 @@
+"""The example workflows in API format, and the 'tiny' profile that runs them on the fixtures.
+
+Workflows are authored with the settings a user would run on real models (SDXL at 1024 px, 30
+steps). On the tiny random-weight fixtures only the plumbing matters, so `tiny()` shrinks what
+costs CPU time and nothing else: image sizes to at most TINY_SIDE px and step counts to at most
+TINY_STEPS, with step indices (`*_at_step`, `*_steps` offsets) scaled by the same factor so their
+relations hold.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+from .paths import REPO
+
+WORKFLOWS = REPO / "workflows"
+API_DIR = WORKFLOWS / "api"
+TINY_SIDE = 64
+TINY_STEPS = 4
+
+
+def api_workflow_names() -> list[str]:
+    return sorted(p.stem for p in API_DIR.glob("*.json"))
+
+
+def load_api_workflow(name: str) -> dict:
+    return json.loads((API_DIR / f"{name}.json").read_text())
+
+
+def _literal_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def tiny(prompt: dict) -> dict:
+    """A copy of an API prompt sized for the tiny fixtures (see module docstring)."""
+    out = copy.deepcopy(prompt)
+    for node in out.values():
+        inputs = node.get("inputs", {})
+        w, h = inputs.get("width"), inputs.get("height")
+        if _literal_int(w) and _literal_int(h) and max(w, h) > TINY_SIDE:
+            scale = TINY_SIDE / max(w, h)
+            inputs["width"] = max(8, round(w * scale / 8) * 8)
+            inputs["height"] = max(8, round(h * scale / 8) * 8)
+        steps = inputs.get("steps")
+        if _literal_int(steps) and steps > TINY_STEPS:
+            factor = TINY_STEPS / steps
+            inputs["steps"] = TINY_STEPS
+            for key, value in inputs.items():
+                step_index = key.endswith("_at_step") or key.endswith("_step_offset")
+                # 10000 is core's "until the end" for end_at_step: it stays as it is.
+                if step_index and _literal_int(value) and value < 10_000:
+                    inputs[key] = min(TINY_STEPS, round(value * factor))
+    return out

@@ -1,0 +1,59 @@
+"""The import direction of the design: attention/ (math) <- patching/ (glue) <- nodes/ (V3 nodes)."""
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+def _pack_modules(*folders: str) -> list[Path]:
+    return [p for folder in folders for p in sorted((REPO / folder).rglob("*.py"))]
+
+
+def test_attention_package_imports_without_comfy_in_a_fresh_interpreter():
+    code = (
+        "import importlib, pkgutil, sys\n"
+        "import stylekit.attention as pkg\n"
+        "for m in pkgutil.walk_packages(pkg.__path__, 'stylekit.attention.'):\n"
+        "    importlib.import_module(m.name)\n"
+        "bad = sorted(n for n in sys.modules if n == 'comfy' or n.startswith(('comfy.', 'comfy_api')))\n"
+        "assert not bad, bad\n"
+        "print('ok')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
+def test_math_modules_never_import_comfy():
+    for path in _pack_modules("attention"):
+        bad = {n for n in _imports(path) if n.split(".")[0] in ("comfy", "comfy_api", "folder_paths", "nodes")}
+        assert not bad, f"{path.relative_to(REPO)} imports {bad}"
+
+
+def test_only_nodes_package_imports_comfy_api():
+    others = [p for p in REPO.glob("*.py")] + _pack_modules("attention", "patching")
+    for path in others:
+        bad = {n for n in _imports(path) if n.split(".")[0] == "comfy_api"}
+        assert not bad, f"{path.relative_to(REPO)} imports {bad}; only nodes/ may"
+
+
+def test_pack_code_uses_relative_imports_of_itself():
+    # ComfyUI imports the pack under its folder name, so `import stylekit` would fail there.
+    for path in [REPO / "__init__.py"] + _pack_modules("attention", "patching", "nodes"):
+        bad = {n for n in _imports(path) if n.split(".")[0] == "stylekit"}
+        assert not bad, f"{path.relative_to(REPO)} imports {bad} by name"
