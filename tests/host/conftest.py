@@ -7,7 +7,7 @@ import pytest
 
 from stylekit.tests.fixtures import ensure_all
 from stylekit.tests.fixtures.registry import SD15_CHECKPOINT, SDXL_CHECKPOINT
-from stylekit.tests.support.host import init_comfy
+from stylekit.tests.support.host import init_comfy, load_checkpoint
 
 # Before pytest imports any test module: the glue imports comfy at module level, and comfy reads
 # its CPU flag and base directory when first imported.
@@ -27,21 +27,16 @@ def comfy_host():
     ensure_all()
 
 
-def _load(filename: str) -> Checkpoint:
-    import nodes
-
-    model, clip, vae = nodes.CheckpointLoaderSimple().load_checkpoint(filename)[:3]
-    return Checkpoint(model, clip, vae)
-
-
-@pytest.fixture(scope="session")
+# Function-scoped over a per-process cache (tests/support/host.py): loaded once, yet the server
+# layer can release them, so a full run never holds the host's models and the server's at once.
+@pytest.fixture
 def sd15(comfy_host) -> Checkpoint:
-    return _load(SD15_CHECKPOINT.filename)
+    return Checkpoint(*load_checkpoint(SD15_CHECKPOINT.filename))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def sdxl(comfy_host) -> Checkpoint:
-    return _load(SDXL_CHECKPOINT.filename)
+    return Checkpoint(*load_checkpoint(SDXL_CHECKPOINT.filename))
 
 
 @pytest.fixture(params=["sd15", "sdxl"])

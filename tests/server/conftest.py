@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from stylekit.tests.fixtures import ensure_all
-from stylekit.tests.support.host import init_comfy
+from stylekit.tests.support.host import init_comfy, release_models
 from stylekit.tests.support.server import ComfyServer
 
 
@@ -12,6 +12,7 @@ from stylekit.tests.support.server import ComfyServer
 def server():
     init_comfy()  # the fixture builders use comfy's own classes
     ensure_all()
+    release_models()  # models the host layer loaded in this process
     with ComfyServer() as running:
         yield running
     assert not running.alive()

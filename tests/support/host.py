@@ -42,3 +42,30 @@ def init_comfy(base_dir: Path = BASE_DIR, load_nodes: bool = False) -> None:
         asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
         logging.getLogger().setLevel(logging.WARNING)
         _state["nodes"] = True
+
+
+_checkpoints: dict[str, tuple] = {}
+
+
+def load_checkpoint(filename: str) -> tuple:
+    """(model, clip, vae) of a checkpoint through core's CheckpointLoaderSimple, cached per process."""
+    if filename not in _checkpoints:
+        init_comfy(load_nodes=True)
+        import nodes
+
+        _checkpoints[filename] = tuple(nodes.CheckpointLoaderSimple().load_checkpoint(filename)[:3])
+    return _checkpoints[filename]
+
+
+def release_models() -> None:
+    """Drop every model this process loaded, so a server started next has the memory to itself."""
+    _checkpoints.clear()
+    if _state["comfy"] is None:
+        return
+    import gc
+
+    import comfy.model_management
+
+    comfy.model_management.unload_all_models()
+    gc.collect()
+    comfy.model_management.soft_empty_cache()

@@ -1,0 +1,98 @@
+"""Measure a patched model against the plain one in the same process, interleaved.
+
+Per-step time: both models sample the same latent with the same seed, alternating plain/patched
+for `repeats` rounds; the reported ratio is the median of the per-round ratios, so drift on a
+shared machine hits both sides of a pair alike. Memory: resident memory added by
+building `clones` patched clones in a chain, relative to the size of the model's weights.
+"""
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import psutil
+import torch
+
+from stylekit.tests.fixtures.registry import SD15_CHECKPOINT, SDXL_CHECKPOINT
+from stylekit.tests.support.host import load_checkpoint
+
+CHECKPOINTS = {"sd15": SD15_CHECKPOINT.filename, "sdxl": SDXL_CHECKPOINT.filename}
+
+
+@dataclass
+class Case:
+    name: str                                   # row label, e.g. "IP-Adapter base"
+    model: str                                  # "sd15" or "sdxl"
+    patch: Callable                             # (model, clip, vae) -> patched ModelPatcher clone
+    batch: int = 1
+    side: int = 512                             # image side in pixels (latent side / 8)
+    steps: int = 2
+    goal: float | None = None                   # target time ratio, if the issue sets one
+    memory_clones: int = 0                      # also measure memory of this many chained clones
+    run: Callable | None = None                 # custom timed call (model, inputs) for non-sampler work
+    notes: str = ""
+
+
+@dataclass
+class Result:
+    case: Case
+    plain_step_s: float
+    patched_step_s: float
+    ratio: float
+    memory_added_pct: float | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def _conditioning(clip, text: str):
+    import nodes
+
+    return nodes.CLIPTextEncode().encode(clip, text)[0]
+
+
+def _sample(model, positive, negative, latent, steps: int) -> None:
+    import comfy.sample
+
+    noise = comfy.sample.prepare_noise(latent, 0)
+    comfy.sample.sample(model, noise, steps, 5.0, "euler", "normal", positive, negative, latent,
+                        disable_pbar=True, seed=0)
+
+
+def _weights_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.model.parameters())
+
+
+def measure(case: Case, repeats: int = 3) -> Result:
+    model, clip, vae = load_checkpoint(CHECKPOINTS[case.model])
+    patched = case.patch(model, clip, vae)
+    positive, negative = _conditioning(clip, "a lighthouse"), _conditioning(clip, "")
+    latent = torch.zeros(case.batch, 4, case.side // 8, case.side // 8)
+    run = case.run or (lambda m: _sample(m, positive, negative, latent, case.steps))
+    run(model)  # warm-up: loads weights, builds kernels
+    run(patched)
+    plain_times, patched_times = [], []
+    for _ in range(repeats):
+        for target, times in ((model, plain_times), (patched, patched_times)):
+            started = time.perf_counter()
+            run(target)
+            times.append((time.perf_counter() - started) / case.steps)
+    ratios = [p / q for p, q in zip(patched_times, plain_times)]
+    result = Result(case, statistics.median(plain_times), statistics.median(patched_times), statistics.median(ratios))
+    if case.memory_clones:
+        result.memory_added_pct = memory_of_clones(model, clip, vae, case)
+    return result
+
+
+def memory_of_clones(model, clip, vae, case: Case) -> float:
+    gc.collect()
+    process = psutil.Process()
+    before = process.memory_info().rss
+    chain, current = [], model
+    for _ in range(case.memory_clones):
+        current = case.patch(current, clip, vae)
+        chain.append(current)
+    gc.collect()
+    added = process.memory_info().rss - before
+    return 100.0 * max(added, 0) / _weights_bytes(model)
