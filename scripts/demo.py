@@ -5,9 +5,11 @@ workflow shrunk by the tiny profile (tests/support/workflows.py); every workflow
 User mode (COMFYUI_PATH set, or DEMO_MODELS=user): the models of that ComfyUI, the workflows as
 authored; a workflow whose model files are missing is reported and skipped.
 Writes out/demo/contact_sheet.png: one row per workflow.
+Usage: make demo, or .venv/bin/python scripts/demo.py [--only NAME ...] [--out DIR]
 """
 from __future__ import annotations
 
+import argparse
 import io
 import os
 import shutil
@@ -24,7 +26,6 @@ from stylekit.tests.support.paths import BASE_DIR, PACK_LINK_NAME, REPO, WORK, H
 from stylekit.tests.support.server import ComfyServer, PromptFailed, PromptRejected, ServerError
 from stylekit.tests.support.workflows import api_workflow_names, load_api_workflow, tiny
 
-OUT = REPO / "out" / "demo"
 THUMB = 192
 
 
@@ -64,12 +65,12 @@ def contact_sheet(rows: list[tuple[str, list[Path]]], path: Path) -> None:
     sheet.save(path)
 
 
-def run_workflow(server: ComfyServer, name: str, shrink: bool) -> tuple[str, list[Path]]:
+def run_workflow(server: ComfyServer, name: str, shrink: bool, out: Path) -> tuple[str, list[Path]]:
     prompt = load_api_workflow(name)
     if shrink:
         prompt = tiny(prompt)
     outputs = server.run(prompt, timeout=3600)
-    target = OUT / name
+    target = out / name
     shutil.rmtree(target, ignore_errors=True)
     target.mkdir(parents=True)
     saved = []
@@ -81,6 +82,11 @@ def run_workflow(server: ComfyServer, name: str, shrink: bool) -> tuple[str, lis
 
 
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--only", nargs="*", default=None, help="run only these workflows")
+    parser.add_argument("--out", type=Path, default=REPO / "out" / "demo")
+    args = parser.parse_args()
+    names = args.only or api_workflow_names()
     user_mode = os.environ.get("DEMO_MODELS", "user" if os.environ.get("COMFYUI_PATH") else "tiny") == "user"
     try:
         host = host_path()
@@ -94,17 +100,17 @@ def main() -> int:
         init_comfy()
         ensure_all()
         base_dir, cpu = BASE_DIR, True
-    OUT.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
     mode = "user models" if user_mode else "tiny fixtures"
     print(f"demo: ComfyUI at {host}, {mode}, {'CPU' if cpu else 'GPU'}", flush=True)
 
     rows, failures = [], []
     try:
         with ComfyServer(base_dir=base_dir, cpu=cpu) as server:
-            for name in api_workflow_names():
+            for name in names:
                 started = time.monotonic()
                 try:
-                    status, images = run_workflow(server, name, shrink=not user_mode)
+                    status, images = run_workflow(server, name, shrink=not user_mode, out=args.out)
                 except PromptRejected as err:
                     status, images = f"skipped: {err}", []
                     if not user_mode:
@@ -118,9 +124,9 @@ def main() -> int:
     except ServerError as err:
         print(f"demo: error: {err}", file=sys.stderr)
         return 2
-    sheet = OUT / "contact_sheet.png"
+    sheet = args.out / "contact_sheet.png"
     contact_sheet(rows, sheet)
-    print(f"demo: images under {OUT}/<workflow>/, contact sheet {sheet}")
+    print(f"demo: images under {args.out}/<workflow>/, contact sheet {sheet}")
     if failures:
         print(f"demo: {len(failures)} workflow(s) failed: {', '.join(failures)}", file=sys.stderr)
         return 1
