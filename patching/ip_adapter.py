@@ -11,6 +11,7 @@ once per device and dtype (ImageKV cache) rather than at every step.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from comfy.ldm.modules.attention import optimized_attention
@@ -107,8 +108,10 @@ class IPAdapterPatch(ReplacePatch):
         mask = None
         if self.mask is not None:
             mask = self._batch_mask(extra_options, q, len(parts))
-        heads = extra_options["n_heads"]
-        kernel = lambda q_, k_, v_: optimized_attention(q_, k_, v_, heads)  # noqa: E731 (the user's backend)
+        # The user's attention backend as core's own attention calls it: the layer's precision
+        # (SD2.x upcasts) and transformer_options, where attention-override packs hook in.
+        kernel = partial(optimized_attention, heads=extra_options["n_heads"],
+                         attn_precision=extra_options.get("attn_precision"), transformer_options=extra_options)
         return add_image_attention(out, q, [ImageKV(k_ip, v_ip, self.weight, mask)], kernel)
 
     def _batch_mask(self, extra_options: dict, q: torch.Tensor, n_chunks: int) -> torch.Tensor:

@@ -88,7 +88,7 @@ def test_embeds_for_another_adapter_are_refused(comfy_host):
         image_tokens(plus, ImageEmbeds(torch.zeros(1, 1024), torch.zeros(1, 1024), IMAGE_EMBEDS))
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def vit_h_text(comfy_host):
     import nodes
 

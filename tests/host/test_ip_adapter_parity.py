@@ -28,9 +28,6 @@ SCALES = {
     "sdxl": {"down": {"block_2": [0.0, 0.9]}, "mid": 0.4, "up": {"block_0": [0.0, 1.0, 0.0], "block_1": [0.5, 0.0, 0.7]}},
 }
 
-_twins: dict[str, torch.nn.Module] = {}
-
-
 class _Pipeline(IPAdapterMixin):
     """The smallest host for diffusers' own IP-Adapter loading and scale logic: a UNet."""
 
@@ -38,10 +35,18 @@ class _Pipeline(IPAdapterMixin):
         self.unet = unet
 
 
-def _twin(name: str, checkpoint) -> torch.nn.Module:
-    if name not in _twins:
-        _twins[name] = diffusers_twin(checkpoint.model)
-    return _twins[name]
+@pytest.fixture(scope="module")
+def twins():
+    """One diffusers twin per topology for this module, freed after it (the server layer needs the memory)."""
+    built: dict[str, torch.nn.Module] = {}
+
+    def twin(name: str, checkpoint) -> torch.nn.Module:
+        if name not in built:
+            built[name] = diffusers_twin(checkpoint.model)
+        return built[name]
+
+    yield twin
+    built.clear()
 
 
 def _reference(twin, fixtures, scale) -> _Pipeline:
@@ -108,9 +113,9 @@ CASES = [("sd15", IP_ADAPTER_SD15), ("sd15", IP_ADAPTER_PLUS_SD15), ("sd15", IP_
 
 
 @pytest.mark.parametrize("model_name,fixture", CASES, ids=[f.filename for _, f in CASES])
-def test_noise_prediction_matches_diffusers_with_its_block_dict(request, model_name, fixture):
+def test_noise_prediction_matches_diffusers_with_its_block_dict(request, twins, model_name, fixture):
     checkpoint = request.getfixturevalue(model_name)
-    twin = _twin(model_name, checkpoint)
+    twin = twins(model_name, checkpoint)
     adapter = read_ip_adapter(str(fixture.linked_path()))
     embeds = _embeds(adapter, seed=1)
     _reference(twin, [fixture], SCALES[model_name])
@@ -127,11 +132,11 @@ def test_noise_prediction_matches_diffusers_with_its_block_dict(request, model_n
 @pytest.mark.parametrize("model_name,fixture,layer,diffusers_path", [
     ("sd15", IP_ADAPTER_PLUS_SD15, ("middle", 0, 0), "mid_block.attentions.0.transformer_blocks.0.attn2"),
     ("sdxl", IP_ADAPTER_SDXL_VIT_H, ("output", 1, 3), "up_blocks.0.attentions.1.transformer_blocks.3.attn2"),
-])
-def test_one_patched_attention_layer_matches_the_diffusers_processor(request, model_name, fixture, layer,
+], ids=["sd15-plus-middle", "sdxl-base-output1.3"])
+def test_one_patched_attention_layer_matches_the_diffusers_processor(request, twins, model_name, fixture, layer,
                                                                      diffusers_path):
     checkpoint = request.getfixturevalue(model_name)
-    twin = _twin(model_name, checkpoint)
+    twin = twins(model_name, checkpoint)
     adapter = read_ip_adapter(str(fixture.linked_path()))
     embeds = _embeds(adapter, seed=2)
     pipe = _reference(twin, [fixture], 0.75)
@@ -161,8 +166,8 @@ def test_one_patched_attention_layer_matches_the_diffusers_processor(request, mo
     assert (ours - theirs).abs().max().item() < TOLERANCE
 
 
-def test_two_stacked_adapters_match_diffusers_multi_adapter_processor(sd15):
-    twin = _twin("sd15", sd15)
+def test_two_stacked_adapters_match_diffusers_multi_adapter_processor(twins, sd15):
+    twin = twins("sd15", sd15)
     fixtures = [IP_ADAPTER_SD15, IP_ADAPTER_PLUS_SD15]
     adapters = [read_ip_adapter(str(f.linked_path())) for f in fixtures]
     embeds = [_embeds(a, seed=4 + i) for i, a in enumerate(adapters)]
@@ -179,10 +184,10 @@ def test_two_stacked_adapters_match_diffusers_multi_adapter_processor(sd15):
     ("sd15", IP_ADAPTER_SD15, {"down": {"block_2": [1.0, 0.0]}}),
     ("sdxl", IP_ADAPTER_SDXL_VIT_H, {"up": {"block_0": [1.0, 0.0, 0.0]}}),  # reference: up_blocks.0.attentions.1
     ("sdxl", IP_ADAPTER_SDXL_VIT_H, {"up": {"block_0": [0.0, 0.0, 1.0]}}),
-])
-def test_a_block_selection_off_by_one_fails_the_parity_check(request, model_name, fixture, shifted):
+], ids=["sd15-down_blocks.1", "sd15-attentions.0", "sdxl-attentions.0", "sdxl-attentions.2"])
+def test_a_block_selection_off_by_one_fails_the_parity_check(request, twins, model_name, fixture, shifted):
     checkpoint = request.getfixturevalue(model_name)
-    twin = _twin(model_name, checkpoint)
+    twin = twins(model_name, checkpoint)
     adapter = read_ip_adapter(str(fixture.linked_path()))
     embeds = _embeds(adapter, seed=5)
     reference = {"down": {"block_2": [0.0, 1.0]}} if model_name == "sd15" else {"up": {"block_0": [0.0, 1.0, 0.0]}}
@@ -195,10 +200,11 @@ def test_a_block_selection_off_by_one_fails_the_parity_check(request, model_name
     assert (wrong - theirs).abs().max().item() > 100 * TOLERANCE
 
 
-@pytest.mark.parametrize("model_name,fixture", [("sd15", IP_ADAPTER_PLUS_SD15), ("sdxl", IP_ADAPTER_SDXL_VIT_H)])
-def test_cond_and_uncond_rows_are_right_in_any_order_and_when_run_apart(request, model_name, fixture):
+@pytest.mark.parametrize("model_name,fixture", [("sd15", IP_ADAPTER_PLUS_SD15), ("sdxl", IP_ADAPTER_SDXL_VIT_H)],
+                         ids=["sd15-plus", "sdxl-base"])
+def test_cond_and_uncond_rows_are_right_in_any_order_and_when_run_apart(request, twins, model_name, fixture):
     checkpoint = request.getfixturevalue(model_name)
-    twin = _twin(model_name, checkpoint)
+    twin = twins(model_name, checkpoint)
     adapter = read_ip_adapter(str(fixture.linked_path()))
     embeds = _embeds(adapter, seed=6)
     m = _patched(checkpoint, [(adapter, embeds)], [SCALES[model_name]])
