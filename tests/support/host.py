@@ -57,9 +57,23 @@ def load_checkpoint(filename: str) -> tuple:
     return _checkpoints[filename]
 
 
+_clip_visions: dict[str, object] = {}
+
+
+def load_clip_vision(filename: str):
+    """A CLIP_VISION model of models/clip_vision through core's CLIPVisionLoader, cached per process."""
+    if filename not in _clip_visions:
+        init_comfy(load_nodes=True)
+        import nodes
+
+        _clip_visions[filename] = nodes.CLIPVisionLoader().load_clip(filename)[0]
+    return _clip_visions[filename]
+
+
 def release_models() -> None:
     """Drop every model this process loaded, so a server started next has the memory to itself."""
     _checkpoints.clear()
+    _clip_visions.clear()
     if _state["comfy"] is None:
         return
     import gc

@@ -1,0 +1,209 @@
+"""IP-Adapter nodes: load an adapter, encode reference images, inject them into a model.
+
+Graph shapes:
+  Loader + Load CLIP Vision + Load Image -> StyleKit IP-Adapter -> KSampler           (one node)
+  ... -> StyleKit IP-Adapter Encode -> [embeds transforms] -> StyleKit IP-Adapter Apply Embeds
+The embeds (STYLEKIT_IMAGE_EMBEDS) are CLIP vision features with their unconditional twin;
+transform nodes such as InstantStyle's content subtraction sit between Encode and Apply.
+"""
+from __future__ import annotations
+
+import torch
+from comfy_api.latest import io
+
+from ..ip_adapter.encode import COMBINE, ClipVisionMismatch, check_clip_vision, encode_images
+from ..ip_adapter.files import ip_adapter_files, load_ip_adapter
+from ..ip_adapter.model import IPAdapterFileError
+from ..patching.block_weights import ALL, CUSTOM, PRESETS, BlockWeightsError
+from ..patching.ip_adapter import AdapterMismatch, IPAdapterSettings, apply_ip_adapter_embeds
+from ._common import category
+
+IPAdapterType = io.Custom("STYLEKIT_IPADAPTER")
+ImageEmbedsType = io.Custom("STYLEKIT_IMAGE_EMBEDS")
+
+CATEGORY = category("IP-Adapter")
+
+def node_error(node: str, input_name: str, err: Exception | str) -> ValueError:
+    """The pack's error form: the node, the input, then what is wrong and the fix."""
+    return ValueError(f"{node}: input '{input_name}': {err}")
+
+
+def _inject(node: str, model, ipadapter, embeds, settings: IPAdapterSettings):
+    try:
+        return apply_ip_adapter_embeds(model, ipadapter, embeds, settings)
+    except AdapterMismatch as err:
+        raise node_error(node, "ipadapter", err) from err
+    except BlockWeightsError as err:
+        raise node_error(node, "block_weights" if settings.blocks == CUSTOM else "blocks", err) from err
+    except ClipVisionMismatch as err:
+        raise node_error(node, "embeds", err) from err
+
+
+def _mask_frames(mask: torch.Tensor | None) -> torch.Tensor | None:
+    return None if mask is None else (mask[None] if mask.ndim == 2 else mask)
+
+
+def settings_from_inputs(node: str, weight, start_percent, end_percent, blocks, block_weights, combine,
+                         attn_mask=None) -> IPAdapterSettings:
+    if not 0.0 <= start_percent <= end_percent <= 1.0:
+        raise node_error(node, "end_percent", f"start_percent {start_percent} must not be after end_percent "
+                         f"{end_percent}; set end_percent >= start_percent")
+    if blocks not in PRESETS:
+        raise node_error(node, "blocks", f"unknown preset {blocks!r}; choose one of {', '.join(PRESETS)}")
+    if combine not in COMBINE:
+        raise node_error(node, "combine", f"choose one of {', '.join(COMBINE)}")
+    return IPAdapterSettings(weight=weight, start_percent=start_percent, end_percent=end_percent, blocks=blocks,
+                             block_weights=block_weights, combine=combine, attn_mask=_mask_frames(attn_mask))
+
+
+def injection_inputs() -> list:
+    """The inputs every apply node shares, in graph order after the adapter and image inputs."""
+    return [
+        io.Float.Input("weight", default=1.0, min=-1.0, max=5.0, step=0.05,
+                       tooltip="Strength of the image prompt; 0 leaves the model unchanged (neutral)."),
+        io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.001,
+                       tooltip="Fraction of sampling after which the image prompt starts (0 = from the first step)."),
+        io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.001,
+                       tooltip="Fraction of sampling after which it stops (1 = until the last step)."),
+        io.Combo.Input("blocks", options=list(PRESETS), default=ALL,
+                       tooltip="Which attention blocks get the image: every block (original IP-Adapter), InstantStyle's "
+                               "style block, style + layout blocks, layout block, or the custom block_weights."),
+        io.String.Input("block_weights", multiline=True, default="",
+                        tooltip=f"With blocks = '{CUSTOM}': a weight per block, e.g. {{\"output 1\": 1.0}} or "
+                                "diffusers' {\"up\": {\"block_0\": [0.0, 1.0, 0.0]}}; a list per block gives one "
+                                "value per transformer layer. Unnamed blocks get 0."),
+        io.Combo.Input("combine", options=list(COMBINE), default="concat",
+                       tooltip="Several reference images: concat their tokens (each image counts), or average their "
+                               "CLIP features into one reference."),
+    ]
+
+
+class StyleKitIPAdapterLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="StyleKitIPAdapterLoader",
+            display_name="StyleKit IP-Adapter Loader",
+            category=CATEGORY,
+            description=("Loads an official IP-Adapter file from models/ipadapter (.safetensors or .bin). The type "
+                         "(base, plus, full-face), the base model (SD1.5 or SDXL) and the CLIP vision model it needs "
+                         "are read from the tensor shapes, not the file name."),
+            inputs=[io.Combo.Input("ipadapter_file", options=ip_adapter_files(),
+                                   tooltip="A file in models/ipadapter, e.g. ip-adapter_sd15.safetensors.")],
+            outputs=[IPAdapterType.Output(display_name="ipadapter")],
+        )
+
+    @classmethod
+    def execute(cls, ipadapter_file) -> io.NodeOutput:
+        try:
+            return io.NodeOutput(load_ip_adapter(ipadapter_file))
+        except (IPAdapterFileError, FileNotFoundError) as err:
+            raise node_error("StyleKit IP-Adapter Loader", "ipadapter_file",
+                             f"{ipadapter_file} is not a usable IP-Adapter: {err}; choose an official IP-Adapter "
+                             "file (image_proj.* and ip_adapter.* weights)") from err
+
+
+class StyleKitIPAdapterEncode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="StyleKitIPAdapterEncode",
+            display_name="StyleKit IP-Adapter Encode",
+            category=CATEGORY,
+            description=("Encodes reference images with CLIP vision into the features this adapter reads (image "
+                         "embeds for base adapters, penultimate hidden states for plus / full-face), with their "
+                         "unconditional twin: zeros for base, a zero (mean-grey) image for plus, or the negative "
+                         "image. Feed the embeds to StyleKit IP-Adapter Apply Embeds, or transform them first."),
+            inputs=[
+                IPAdapterType.Input("ipadapter"),
+                io.ClipVision.Input("clip_vision", tooltip="Must match the adapter: ViT-H for most SD1.5 and *_vit-h "
+                                                           "adapters, ViT-bigG for ip-adapter_sdxl."),
+                io.Image.Input("image", tooltip="One or more reference images (a batch)."),
+                io.Combo.Input("crop", options=["center", "none"], default="center",
+                               tooltip="center: resize the short side to 224 and crop the middle (as the reference "
+                                       "processor); none: squash the whole image to 224x224."),
+                io.Image.Input("negative_image", optional=True,
+                               tooltip="Replaces the unconditional reference (one image, or one per reference)."),
+            ],
+            outputs=[ImageEmbedsType.Output(display_name="embeds")],
+        )
+
+    @classmethod
+    def execute(cls, ipadapter, clip_vision, image, crop, negative_image=None) -> io.NodeOutput:
+        node = "StyleKit IP-Adapter Encode"
+        try:
+            check_clip_vision(ipadapter, clip_vision)
+        except ClipVisionMismatch as err:
+            raise node_error(node, "clip_vision", err) from err
+        try:
+            embeds = encode_images(clip_vision, image, ipadapter.clip_input, negative_image, crop=crop == "center")
+        except ValueError as err:
+            raise node_error(node, "negative_image", err) from err
+        return io.NodeOutput(embeds)
+
+
+class StyleKitIPAdapterApplyEmbeds(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="StyleKitIPAdapterApplyEmbeds",
+            display_name="StyleKit IP-Adapter Apply Embeds",
+            category=CATEGORY,
+            description=("Injects encoded reference images into the model's cross-attention (decoupled "
+                         "cross-attention: text attention + weight x image attention) in the chosen blocks. Works on "
+                         "a copy of the model and stacks with other adapters and attention patches."),
+            inputs=[io.Model.Input("model"), IPAdapterType.Input("ipadapter"), ImageEmbedsType.Input("embeds"),
+                    *injection_inputs(),
+                    io.Mask.Input("attn_mask", optional=True,
+                                  tooltip="Where the image prompt acts (1) and where not (0); one mask or one per latent.")],
+            outputs=[io.Model.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, ipadapter, embeds, weight, start_percent, end_percent, blocks, block_weights, combine,
+                attn_mask=None) -> io.NodeOutput:
+        node = "StyleKit IP-Adapter Apply Embeds"
+        settings = settings_from_inputs(node, weight, start_percent, end_percent, blocks, block_weights, combine,
+                                        attn_mask)
+        return io.NodeOutput(_inject(node, model, ipadapter, embeds, settings))
+
+
+class StyleKitIPAdapter(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="StyleKitIPAdapter",
+            display_name="StyleKit IP-Adapter",
+            category=CATEGORY,
+            description=("Image prompt in one node: encodes the reference image(s) with CLIP vision and injects them "
+                         "into the chosen cross-attention blocks (IP-Adapter; with the InstantStyle presets, only the "
+                         "style and/or layout blocks). Works on a copy of the model; stacks with other adapters."),
+            inputs=[io.Model.Input("model"), IPAdapterType.Input("ipadapter"),
+                    io.ClipVision.Input("clip_vision", tooltip="Must match the adapter (ViT-H or ViT-bigG)."),
+                    io.Image.Input("image", tooltip="One or more reference images (a batch)."),
+                    *injection_inputs(),
+                    io.Image.Input("negative_image", optional=True,
+                                   tooltip="Replaces the unconditional reference (one image, or one per reference)."),
+                    io.Mask.Input("attn_mask", optional=True,
+                                  tooltip="Where the image prompt acts (1) and where not (0); one mask or one per latent.")],
+            outputs=[io.Model.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, ipadapter, clip_vision, image, weight, start_percent, end_percent, blocks, block_weights,
+                combine, negative_image=None, attn_mask=None) -> io.NodeOutput:
+        node = "StyleKit IP-Adapter"
+        settings = settings_from_inputs(node, weight, start_percent, end_percent, blocks, block_weights, combine,
+                                        attn_mask)
+        try:
+            check_clip_vision(ipadapter, clip_vision)
+        except ClipVisionMismatch as err:
+            raise node_error(node, "clip_vision", err) from err
+        try:
+            embeds = encode_images(clip_vision, image, ipadapter.clip_input, negative_image)
+        except ValueError as err:
+            raise node_error(node, "negative_image", err) from err
+        return io.NodeOutput(_inject(node, model, ipadapter, embeds, settings))
+
+
+NODES = [StyleKitIPAdapterLoader, StyleKitIPAdapter, StyleKitIPAdapterEncode, StyleKitIPAdapterApplyEmbeds]
