@@ -46,7 +46,7 @@ def test_math_modules_never_import_comfy():
 
 
 def test_only_nodes_package_imports_comfy_api():
-    others = [p for p in REPO.glob("*.py")] + _pack_modules("attention", "patching")
+    others = [p for p in REPO.glob("*.py")] + _pack_modules("attention", "patching", "sampling")
     for path in others:
         bad = {n for n in _imports(path) if n.split(".")[0] == "comfy_api"}
         assert not bad, f"{path.relative_to(REPO)} imports {bad}; only nodes/ may"
@@ -54,6 +54,12 @@ def test_only_nodes_package_imports_comfy_api():
 
 def test_pack_code_uses_relative_imports_of_itself():
     # ComfyUI imports the pack under its folder name, so `import stylekit` would fail there.
-    for path in [REPO / "__init__.py"] + _pack_modules("attention", "patching", "nodes"):
+    for path in [REPO / "__init__.py"] + _pack_modules("attention", "patching", "sampling", "nodes"):
         bad = {n for n in _imports(path) if n.split(".")[0] == "stylekit"}
         assert not bad, f"{path.relative_to(REPO)} imports {bad} by name"
+
+
+def test_trajectory_math_imports_without_comfy():
+    # sampling/trajectory.py is pure torch: the reference-row lookup is unit-tested on its own.
+    bad = {n for n in _imports(REPO / "sampling" / "trajectory.py") if n.split(".")[0] in ("comfy", "comfy_api")}
+    assert not bad

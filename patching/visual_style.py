@@ -1,0 +1,45 @@
+"""Visual Style Prompting on a ModelPatcher clone: in the chosen layers, attn1 keys and values are
+replaced by the reference row's (attn2 untouched), inside a sigma window (DESIGN §4)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..attention.shared import swapped_attention
+from .attention_replace import ReplacePatch, install_replace
+from .block_map import BlockId, block_map
+from .layer_select import layers_of
+from .reference_rows import has_targets, reference_rows
+from .schedule import SigmaWindow, current_sigma, percent_window
+
+
+@dataclass(frozen=True)
+class VisualStyleSettings:
+    blocks: tuple[BlockId, ...]      # official: the highest-resolution up block (layer_select)
+    start_percent: float = 0.0       # official: every step
+    end_percent: float = 1.0
+
+
+class SwapKVPatch(ReplacePatch):
+    """attn1 replace: every row's queries attend to its chunk's reference row's keys and values."""
+
+    def __init__(self, previous, window: SigmaWindow):
+        super().__init__(previous)
+        self.window = window
+
+    def __call__(self, q, k, v, extra_options):
+        if not self.window.contains(current_sigma(extra_options)):
+            return self.attention(q, k, v, extra_options)
+        rows = reference_rows(extra_options, q.shape[0])
+        if not has_targets(rows):
+            return self.attention(q, k, v, extra_options)
+        return swapped_attention(q, k, v, rows.to(q.device),
+                                 lambda q_, k_, v_, mask: self.attention(q_, k_, v_, extra_options, mask=mask))
+
+
+def install_visual_style_prompting(model_patcher, settings: VisualStyleSettings):
+    """A clone of `model_patcher` with the K/V swap installed; the input is left untouched."""
+    m = model_patcher.clone()
+    window = percent_window(m, settings.start_percent, settings.end_percent)
+    for layer in layers_of(block_map(m), settings.blocks):
+        install_replace(m, "attn1", layer, lambda previous: SwapKVPatch(previous, window))
+    return m
