@@ -93,5 +93,6 @@ def invert(model_patcher, latent_image: torch.Tensor, positive, negative, sigmas
     guider.sample(torch.zeros_like(latent_image), latent_image, sampler, ascending, callback=callback,
                   disable_pbar=True, seed=seed)
     process_out = model_patcher.model.process_latent_out
-    latents = torch.stack([process_out(x.float()).cpu() for x in reversed(states)])
+    # The last state is the input itself: keep it bit-exact rather than scaled in and out again.
+    latents = torch.stack([process_out(x.float()).cpu() for x in reversed(states[1:])] + [latent_image.float().cpu()])
     return InversionTrajectory(sigmas=sigmas.float().cpu(), latents=latents, cfg=float(cfg))
