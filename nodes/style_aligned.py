@@ -1,6 +1,7 @@
 """StyleAligned: shared self-attention across a batch, and its real-reference sampler."""
 from __future__ import annotations
 
+import logging
 import math
 
 import comfy.samplers
@@ -132,7 +133,8 @@ class StyleKitStyleAlignedReferenceSampler(io.ComfyNode):
                                tooltip="euler is DDIM in ComfyUI's parameterisation (the official sampler)."),
                 io.Int.Input("reference_step_offset", default=5, min=0, max=1000,
                              tooltip="The reference stays pinned to the trajectory's step offset+1 for the "
-                                     "first steps (official: 5); 0 replays the trajectory step by step."),
+                                     "first steps (official: 5 of 50); 0 replays the trajectory step by "
+                                     "step. Capped at the trajectory's steps - 1."),
                 _shift_input(LN2),
                 _scale_input(),
                 _norm_input(),
@@ -150,8 +152,10 @@ class StyleKitStyleAlignedReferenceSampler(io.ComfyNode):
             raise ValueError(f"{SAMPLER_NAME}: input 'model': the model already has {already[0]} applied; "
                              "connect the plain model, this sampler applies StyleAligned itself")
         if reference_step_offset >= trajectory.steps:
-            raise ValueError(f"{SAMPLER_NAME}: input 'reference_step_offset': {reference_step_offset} is not below "
-                             f"the trajectory's {trajectory.steps} steps; lower it or invert with more steps")
+            # A short inversion (few steps) with the official offset: pin for all but the last step.
+            logging.warning("%s: reference_step_offset %d is not below the trajectory's %d steps; using %d",
+                            SAMPLER_NAME, reference_step_offset, trajectory.steps, trajectory.steps - 1)
+            reference_step_offset = trajectory.steps - 1
         settings = StyleAlignedSettings(blocks=_resolve(SAMPLER_NAME, model, blocks, custom_blocks),
                                         shared_score_scale=shared_score_scale, shared_score_shift=shared_score_shift,
                                         share_group_norm=share_group_norm)

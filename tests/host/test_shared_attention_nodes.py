@@ -85,12 +85,14 @@ def test_reference_sampler_refuses_a_model_that_already_shares(sd15, conds, traj
             10.0, "euler", 1, 0.6931, 1.0, True, "all", "")
 
 
-def test_reference_sampler_refuses_an_offset_beyond_the_trajectory(sd15, conds, trajectory):
+def test_an_offset_beyond_a_short_trajectory_is_capped_with_a_warning(sd15, conds, trajectory, caplog):
     positive, negative, reference_positive = conds
-    with pytest.raises(ValueError, match="input 'reference_step_offset'"):
-        StyleKitStyleAlignedReferenceSampler.execute(
-            sd15.model, positive, negative, reference_positive, {"samples": torch.zeros(1, 4, 8, 8)}, trajectory, 0,
-            10.0, "euler", 5, 0.6931, 1.0, True, "all", "")
+    args = (sd15.model, positive, negative, reference_positive, {"samples": torch.zeros(1, 4, 8, 8)}, trajectory, 0,
+            10.0, "euler")
+    (capped,) = StyleKitStyleAlignedReferenceSampler.execute(*args, 5, 0.6931, 1.0, True, "all", "").result
+    assert "reference_step_offset 5 is not below the trajectory's 4 steps; using 3" in caplog.text
+    (explicit,) = StyleKitStyleAlignedReferenceSampler.execute(*args, 3, 0.6931, 1.0, True, "all", "").result
+    assert torch.equal(capped["samples"], explicit["samples"])
 
 
 def test_vsp_nodes_patch_and_sample_from_a_real_reference_latent(sd15, conds):
