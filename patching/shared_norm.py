@@ -16,6 +16,7 @@ by anyone else, or outside the sigma window, a copy is the plain GroupNorm.
 from __future__ import annotations
 
 import copy
+
 import comfy.patcher_extension
 import torch
 

@@ -146,3 +146,19 @@ def test_a_shift_on_top_of_another_self_attention_patch_is_refused_clearly(sd15)
     with pytest.raises(ValueError, match="set shared_score_shift to 0"):
         install_style_aligned(m, settings_for(sd15.model))
     install_style_aligned(m, settings_for(sd15.model, shared_score_shift=0.0))  # composes without a bias
+
+
+@pytest.mark.parametrize("level", [0.1, 0.25, 0.5, 0.75, 0.9, 1.0])
+def test_only_self_level_follows_the_official_switch_vector(sdxl, level):
+    from stylekit.patching.layer_select import unshared_by_level
+
+    # The official rule (sa_handler._get_switch_vec), restated: over the attn1 layers in diffusers'
+    # processor order, every (total // k)-th layer is switched off, k = int(level · total); above
+    # 0.5 the complement of the rule for 1 − level.
+    bmap = block_map(sdxl.model)
+    by_processor = {(key - 1) // 2: layer for s in bmap for key, layer in zip(s.ip_adapter_keys, s.layers())}
+    total = len(by_processor)
+    flip = level > 0.5
+    k = int((1 - level if flip else level) * total)
+    off = [True] * total if level == 1.0 else [(i % (total // k) == 0) != flip for i in range(total)]
+    assert unshared_by_level(bmap, level) == {by_processor[i] for i in range(total) if off[i]}
