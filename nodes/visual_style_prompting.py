@@ -36,17 +36,25 @@ class StyleKitVisualStylePrompting(io.ComfyNode):
                 io.Model.Input("model"),
                 *_blocks_inputs(VSP_DEFAULT, PRESETS),
                 *percent_inputs("the swap"),
+                io.Float.Input("first_steps_cfg", default=0.0, min=0.0, max=100.0, step=0.1, round=0.01,
+                               tooltip="Guidance for the first steps instead of the sampler's cfg; 0 = off. The "
+                                       "official code samples a generated reference with 20 for the first 3 of "
+                                       "50 steps (and 7 after)."),
+                io.Int.Input("first_steps", default=3, min=0, max=10000,
+                             tooltip="How many first steps use first_steps_cfg."),
             ],
             outputs=[io.Model.Output()],
         )
 
     @classmethod
-    def execute(cls, model, blocks, custom_blocks, start_percent, end_percent) -> io.NodeOutput:
+    def execute(cls, model, blocks, custom_blocks, start_percent, end_percent, first_steps_cfg,
+                first_steps) -> io.NodeOutput:
         if start_percent > end_percent:
             raise ValueError(f"{NAME}: input 'start_percent': {start_percent} is after end_percent {end_percent}; "
                              "make start_percent <= end_percent")
         settings = VisualStyleSettings(blocks=_resolve(NAME, model, blocks, custom_blocks),
-                                       start_percent=start_percent, end_percent=end_percent)
+                                       start_percent=start_percent, end_percent=end_percent,
+                                       first_steps_cfg=first_steps_cfg, first_steps=first_steps)
         return io.NodeOutput(install_visual_style_prompting(model, settings))
 
 

@@ -97,7 +97,8 @@ def test_an_offset_beyond_a_short_trajectory_is_capped_with_a_warning(sd15, cond
 
 def test_vsp_nodes_patch_and_sample_from_a_real_reference_latent(sd15, conds):
     positive, negative, reference_positive = conds
-    (m,) = StyleKitVisualStylePrompting.execute(sd15.model, "highest-resolution up block", "", 0.0, 1.0).result
+    (m,) = StyleKitVisualStylePrompting.execute(sd15.model, "highest-resolution up block", "", 0.0, 1.0,
+                                                0.0, 3).result
     assert set(m.model_options["transformer_options"]["patches_replace"]["attn1"]) == {
         ("output", n, 0) for n in (9, 10, 11)}
     reference = {"samples": torch.randn(1, 4, 8, 8)}

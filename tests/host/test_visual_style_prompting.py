@@ -75,3 +75,14 @@ def test_the_patch_swaps_per_chunk_on_the_real_kernel():
     extra = {"n_heads": 8, "cond_or_uncond": [1, 0], "sigmas": torch.tensor([5.0])}
     want = swapped_attention(q, k, v, [0, 0, 2, 2], lambda a, b, c, mask: optimized_attention(a, b, c, 8))
     assert torch.equal(patch(q, k, v, extra), want)
+
+
+def test_first_steps_cfg_replaces_the_guidance_of_the_first_steps_only(sd15):
+    positive, negative = encode(sd15.clip, "a fox"), encode(sd15.clip, "")
+    off = dict(start_percent=1.0, end_percent=1.0)  # swap off: only the guidance differs
+    boosted = vsp(sd15.model, first_steps_cfg=20.0, first_steps=1, **off)
+    assert relative_error(sample(boosted, positive, negative, 2, cfg=7.0, steps=1),
+                          sample(sd15.model, positive, negative, 2, cfg=20.0, steps=1)) <= 1e-6
+    two_steps = sample(boosted, positive, negative, 2, cfg=7.0, steps=2)
+    assert relative_error(two_steps, sample(sd15.model, positive, negative, 2, cfg=20.0, steps=2)) > 1e-3
+    assert relative_error(two_steps, sample(sd15.model, positive, negative, 2, cfg=7.0, steps=2)) > 1e-3
