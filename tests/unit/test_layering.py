@@ -46,7 +46,7 @@ def test_math_modules_never_import_comfy():
 
 
 # Packages beside the glue (learned parts and loaders) follow the glue's rules.
-GLUE = ("patching", "ip_adapter")
+GLUE = ("patching", "ip_adapter", "sampling")
 
 
 def test_only_nodes_package_imports_comfy_api():
@@ -61,3 +61,9 @@ def test_pack_code_uses_relative_imports_of_itself():
     for path in [REPO / "__init__.py"] + _pack_modules("attention", *GLUE, "nodes"):
         bad = {n for n in _imports(path) if n.split(".")[0] == "stylekit"}
         assert not bad, f"{path.relative_to(REPO)} imports {bad} by name"
+
+
+def test_trajectory_math_imports_without_comfy():
+    # sampling/trajectory.py is pure torch: the reference-row lookup is unit-tested on its own.
+    bad = {n for n in _imports(REPO / "sampling" / "trajectory.py") if n.split(".")[0] in ("comfy", "comfy_api")}
+    assert not bad

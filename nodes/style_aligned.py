@@ -1,0 +1,175 @@
+"""StyleAligned: shared self-attention across a batch, and its real-reference sampler."""
+from __future__ import annotations
+
+import logging
+import math
+
+import comfy.samplers
+from comfy_api.latest import io
+
+from ..patching.layer_select import ALL, CUSTOM, UP_ONLY, resolve_blocks
+from ..patching.sharing import installed_sharing
+from ..patching.style_aligned import StyleAlignedSettings, install_style_aligned
+from ..sampling.reference import TrajectoryReference, sample_with_reference
+from ._common import Trajectory, category, percent_inputs
+
+NAME = "StyleKit StyleAligned"
+SAMPLER_NAME = "StyleKit StyleAligned Reference Sampler"
+LN2 = round(math.log(2), 4)
+
+
+def _blocks_inputs(default: str, presets: list[str]) -> list:
+    return [
+        io.Combo.Input("blocks", options=presets, default=default,
+                       tooltip="Which self-attention layers share: every layer (the paper), the decoder "
+                               "only, or the blocks listed in custom_blocks."),
+        io.String.Input("custom_blocks", default="", multiline=False,
+                        tooltip="With blocks = custom: ComfyUI ids or diffusers names, comma separated, "
+                                "e.g. 'output 3, output 4, middle 0' or 'up_blocks.1, mid_block'. "
+                                "StyleKit Block Map lists them."),
+    ]
+
+
+def _shift_input(default: float) -> io.Float.Input:
+    return io.Float.Input("shared_score_shift", default=default, min=-10.0, max=10.0, step=0.01, round=0.0001,
+                          tooltip="β added to the logits of the reference's keys: 0 is the paper's batch "
+                                  "setting; ln 2 ≈ 0.6931 (official for real reference images) strengthens "
+                                  "the reference; negative values weaken it.")
+
+
+def _scale_input() -> io.Float.Input:
+    return io.Float.Input("shared_score_scale", default=1.0, min=0.0, max=10.0, step=0.01,
+                          tooltip="s multiplying the reference's logits: 1 is the paper's default; the "
+                                  "authors suggest 0.5 (with shift 0) for very famous reference images.")
+
+
+def _norm_input() -> io.Boolean.Input:
+    return io.Boolean.Input("share_group_norm", default=True,
+                            tooltip="Normalise each image's GroupNorm groups jointly with the reference "
+                                    "(official default). LayerNorm sharing is not offered: it is a "
+                                    "mathematical no-op.")
+
+
+def _resolve(node: str, model, preset: str, custom: str) -> tuple:
+    try:
+        return resolve_blocks(model, preset, custom)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{node}: input '{'custom_blocks' if preset == CUSTOM else 'model'}': {err}") from err
+
+
+class StyleKitStyleAligned(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="StyleKitStyleAligned",
+            display_name=NAME,
+            category=category("shared attention"),
+            description=(
+                "StyleAligned (Hertz et al.): every image of the batch attends to its own self-attention "
+                "keys/values plus those of the batch's first image (the reference), with queries and keys "
+                "AdaIN-normalised to the reference's statistics after projection. Works whether ComfyUI "
+                "runs cond and uncond together or apart; put different prompts per image with StyleKit "
+                "Prompt Batch. Self-attention only (attn1); the model passed in is not changed."),
+            inputs=[
+                io.Model.Input("model"),
+                _norm_input(),
+                io.Boolean.Input("adain_queries", default=True, tooltip="AdaIN of the queries to the reference's (paper: on)."),
+                io.Boolean.Input("adain_keys", default=True, tooltip="AdaIN of the keys to the reference's (paper: on)."),
+                io.Boolean.Input("adain_values", default=False, tooltip="AdaIN of the values to the reference's (paper: off)."),
+                _scale_input(),
+                _shift_input(0.0),
+                *_blocks_inputs(ALL, [ALL, UP_ONLY, CUSTOM]),
+                io.Float.Input("only_self_level", default=0.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Fraction of self-attention layers, spread regularly, left unshared "
+                                       "(official option); 0 shares every chosen layer."),
+                *percent_inputs("sharing"),
+            ],
+            outputs=[io.Model.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, share_group_norm, adain_queries, adain_keys, adain_values, shared_score_scale,
+                shared_score_shift, blocks, custom_blocks, only_self_level, start_percent, end_percent) -> io.NodeOutput:
+        if start_percent > end_percent:
+            raise ValueError(f"{NAME}: input 'start_percent': {start_percent} is after end_percent {end_percent}; "
+                             "make start_percent <= end_percent")
+        settings = StyleAlignedSettings(
+            blocks=_resolve(NAME, model, blocks, custom_blocks), adain_queries=adain_queries,
+            adain_keys=adain_keys, adain_values=adain_values, shared_score_scale=shared_score_scale,
+            shared_score_shift=shared_score_shift, share_group_norm=share_group_norm,
+            only_self_level=only_self_level, start_percent=start_percent, end_percent=end_percent)
+        try:
+            return io.NodeOutput(install_style_aligned(model, settings))
+        except ValueError as err:
+            raise ValueError(f"{NAME}: input 'shared_score_shift': {err}") from err
+
+
+class StyleKitStyleAlignedReferenceSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="StyleKitStyleAlignedReferenceSampler",
+            display_name=SAMPLER_NAME,
+            category=category("shared attention"),
+            description=(
+                "StyleAligned with a real reference image: samples the latent's images while a reference "
+                "row replays the image's inversion trajectory (StyleKit DDIM Inversion) at every step, and "
+                "every image shares attention with it. Official defaults: generation cfg 10, the reference "
+                "pinned to step offset+1 for the first steps with offset 5, shared_score_shift ln 2, "
+                "GroupNorm sharing on. Steps and schedule come from the trajectory. Connect the plain "
+                "model: this node applies StyleAligned itself."),
+            inputs=[
+                io.Model.Input("model"),
+                io.Conditioning.Input("positive", tooltip="Prompt of the new images (one, or one per image)."),
+                io.Conditioning.Input("negative"),
+                io.Conditioning.Input("reference_positive",
+                                      tooltip="The reference image's prompt (the one it was inverted with)."),
+                io.Latent.Input("latent_image", tooltip="The images to generate (e.g. Empty Latent Image)."),
+                Trajectory.Input("trajectory", tooltip="From StyleKit DDIM Inversion of the reference image."),
+                io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=True),
+                io.Float.Input("cfg", default=10.0, min=0.0, max=100.0, step=0.1, round=0.01,
+                               tooltip="Guidance of the new images (official: 10)."),
+                io.Combo.Input("sampler_name", options=comfy.samplers.SAMPLER_NAMES, default="euler",
+                               tooltip="euler is DDIM in ComfyUI's parameterisation (the official sampler)."),
+                io.Int.Input("reference_step_offset", default=5, min=0, max=1000,
+                             tooltip="The reference stays pinned to the trajectory's step offset+1 for the "
+                                     "first steps (official: 5 of 50); 0 replays the trajectory step by "
+                                     "step. Capped at the trajectory's steps - 1."),
+                _shift_input(LN2),
+                _scale_input(),
+                _norm_input(),
+                *_blocks_inputs(ALL, [ALL, UP_ONLY, CUSTOM]),
+            ],
+            outputs=[io.Latent.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, positive, negative, reference_positive, latent_image, trajectory, seed, cfg,
+                sampler_name, reference_step_offset, shared_score_shift, shared_score_scale, share_group_norm,
+                blocks, custom_blocks) -> io.NodeOutput:
+        already = installed_sharing(model)
+        if already:
+            raise ValueError(f"{SAMPLER_NAME}: input 'model': the model already has {already[0]} applied; "
+                             "connect the plain model, this sampler applies StyleAligned itself")
+        if reference_step_offset >= trajectory.steps:
+            # A short inversion (few steps) with the official offset: pin for all but the last step.
+            logging.warning("%s: reference_step_offset %d is not below the trajectory's %d steps; using %d",
+                            SAMPLER_NAME, reference_step_offset, trajectory.steps, trajectory.steps - 1)
+            reference_step_offset = trajectory.steps - 1
+        settings = StyleAlignedSettings(blocks=_resolve(SAMPLER_NAME, model, blocks, custom_blocks),
+                                        shared_score_scale=shared_score_scale, shared_score_shift=shared_score_shift,
+                                        share_group_norm=share_group_norm)
+        try:
+            source = TrajectoryReference(trajectory, reference_step_offset)
+        except ValueError as err:
+            raise ValueError(f"{SAMPLER_NAME}: input 'trajectory': {err}") from err
+        try:
+            out = sample_with_reference(install_style_aligned(model, settings), source, positive, negative,
+                                        reference_positive, latent_image["samples"], trajectory.sigmas, seed, cfg,
+                                        sampler_name)
+        except ValueError as err:
+            raise ValueError(f"{SAMPLER_NAME}: {err}") from err
+        return io.NodeOutput({"samples": out})
+
+
+NODES = [StyleKitStyleAligned, StyleKitStyleAlignedReferenceSampler]

@@ -1,0 +1,143 @@
+"""Visual Style Prompting: self-attention keys/values swapped in from a reference, and its real-image sampler."""
+from __future__ import annotations
+
+import comfy.samplers
+from comfy_api.latest import io
+
+from ..patching.layer_select import ALL, CUSTOM, UP_ONLY, VSP_DEFAULT
+from ..patching.schedule import percent_window
+from ..patching.sharing import installed_sharing
+from ..patching.visual_style import VisualStyleSettings, install_visual_style_prompting
+from ..sampling.inversion import schedule
+from ..sampling.reference import NoisedReference, TrajectoryReference, sample_with_reference
+from ._common import Trajectory, category, percent_inputs
+from .style_aligned import _blocks_inputs, _resolve
+
+NAME = "StyleKit Visual Style Prompting"
+SAMPLER_NAME = "StyleKit Visual Style Prompting Reference Sampler"
+PRESETS = [VSP_DEFAULT, UP_ONLY, ALL, CUSTOM]
+
+
+class StyleKitVisualStylePrompting(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="StyleKitVisualStylePrompting",
+            display_name=NAME,
+            category=category("shared attention"),
+            description=(
+                "Visual Style Prompting (Jeong et al.): in the chosen layers every image's self-attention "
+                "keys and values are replaced by those of the batch's first image (the reference); queries "
+                "stay, so content follows each image's prompt and style the reference. Default layers as "
+                "the official code: SDXL up_blocks.1 (output 3-5); on SD1.5 the matching highest-"
+                "resolution up block, up_blocks.3 (output 9-11). Self-attention only; works whether "
+                "ComfyUI runs cond and uncond together or apart."),
+            inputs=[
+                io.Model.Input("model"),
+                *_blocks_inputs(VSP_DEFAULT, PRESETS),
+                *percent_inputs("the swap"),
+                io.Float.Input("first_steps_cfg", default=0.0, min=0.0, max=100.0, step=0.1, round=0.01,
+                               tooltip="Guidance for the first steps instead of the sampler's cfg; 0 = off. The "
+                                       "official code samples a generated reference with 20 for the first 3 of "
+                                       "50 steps (and 7 after)."),
+                io.Int.Input("first_steps", default=3, min=0, max=10000,
+                             tooltip="How many first steps use first_steps_cfg."),
+            ],
+            outputs=[io.Model.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, blocks, custom_blocks, start_percent, end_percent, first_steps_cfg,
+                first_steps) -> io.NodeOutput:
+        if start_percent > end_percent:
+            raise ValueError(f"{NAME}: input 'start_percent': {start_percent} is after end_percent {end_percent}; "
+                             "make start_percent <= end_percent")
+        settings = VisualStyleSettings(blocks=_resolve(NAME, model, blocks, custom_blocks),
+                                       start_percent=start_percent, end_percent=end_percent,
+                                       first_steps_cfg=first_steps_cfg, first_steps=first_steps)
+        return io.NodeOutput(install_visual_style_prompting(model, settings))
+
+
+class StyleKitVisualStylePromptingReferenceSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="StyleKitVisualStylePromptingReferenceSampler",
+            display_name=SAMPLER_NAME,
+            category=category("shared attention"),
+            description=(
+                "Visual Style Prompting with a real reference image. The reference row is, at every step, "
+                "either the reference latent noised to that step's level with fresh noise (reference_latent, "
+                "the official real-image script; the reference row uses its conditional prediction only) or "
+                "the replayed inversion trajectory (trajectory). Optional colour calibration: each image's "
+                "predicted x0 gets the reference's channel means and deviations inside a window (official: "
+                "100 < t < 150 of 1000). Connect the plain model: this node applies the swap itself."),
+            inputs=[
+                io.Model.Input("model"),
+                io.Conditioning.Input("positive", tooltip="Prompt of the new images (one, or one per image)."),
+                io.Conditioning.Input("negative"),
+                io.Conditioning.Input("reference_positive",
+                                      tooltip="A prompt describing the reference image (a caption)."),
+                io.Latent.Input("latent_image", tooltip="The images to generate (e.g. Empty Latent Image)."),
+                io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=True),
+                io.Int.Input("steps", default=50, min=1, max=10000,
+                             tooltip="Ignored with a trajectory, which carries its own schedule."),
+                io.Float.Input("cfg", default=7.0, min=0.0, max=100.0, step=0.1, round=0.01,
+                               tooltip="Guidance of the new images (official: 7)."),
+                io.Combo.Input("sampler_name", options=comfy.samplers.SAMPLER_NAMES, default="euler",
+                               tooltip="euler is DDIM in ComfyUI's parameterisation (the official sampler)."),
+                io.Combo.Input("scheduler", options=comfy.samplers.SCHEDULER_NAMES, default="ddim_uniform",
+                               tooltip="ddim_uniform gives the official DDIM timesteps. Ignored with a trajectory."),
+                io.Boolean.Input("color_calibration", default=True,
+                                 tooltip="Match each image's predicted x0 channel statistics to the reference's "
+                                         "inside the calibration window (official: on)."),
+                io.Float.Input("calibration_start_percent", default=0.85, min=0.0, max=1.0, step=0.001,
+                               tooltip="Window start; 0.85 ≈ t = 150 of 1000 (official)."),
+                io.Float.Input("calibration_end_percent", default=0.9, min=0.0, max=1.0, step=0.001,
+                               tooltip="Window end; 0.9 ≈ t = 100 of 1000 (official)."),
+                *_blocks_inputs(VSP_DEFAULT, PRESETS),
+                io.Latent.Input("reference_latent", optional=True,
+                                tooltip="The reference image, VAE-encoded. Connect this or trajectory."),
+                Trajectory.Input("trajectory", optional=True,
+                                 tooltip="The reference image's StyleKit DDIM Inversion. Connect this or reference_latent."),
+                io.Int.Input("reference_step_offset", default=0, min=0, max=1000, optional=True,
+                             tooltip="With a trajectory: keep the reference pinned to step offset+1 for the "
+                                     "first steps (0 = replay step by step)."),
+            ],
+            outputs=[io.Latent.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, positive, negative, reference_positive, latent_image, seed, steps, cfg, sampler_name,
+                scheduler, color_calibration, calibration_start_percent, calibration_end_percent, blocks,
+                custom_blocks, reference_latent=None, trajectory=None, reference_step_offset=0) -> io.NodeOutput:
+        already = installed_sharing(model)
+        if already:
+            raise ValueError(f"{SAMPLER_NAME}: input 'model': the model already has {already[0]} applied; "
+                             "connect the plain model, this sampler applies the swap itself")
+        if (reference_latent is None) == (trajectory is None):
+            raise ValueError(f"{SAMPLER_NAME}: input 'reference_latent': connect exactly one reference, either "
+                             "reference_latent (a VAE-encoded image) or trajectory (its inversion)")
+        if calibration_start_percent > calibration_end_percent:
+            raise ValueError(f"{SAMPLER_NAME}: input 'calibration_start_percent': it is after "
+                             "calibration_end_percent; make start <= end")
+        try:
+            if trajectory is not None:
+                source, sigmas = TrajectoryReference(trajectory, reference_step_offset), trajectory.sigmas
+            else:
+                source, sigmas = NoisedReference(reference_latent["samples"], seed), schedule(model, scheduler, steps)
+        except ValueError as err:
+            which = "trajectory" if trajectory is not None else "reference_latent"
+            raise ValueError(f"{SAMPLER_NAME}: input '{which}': {err}") from err
+        settings = VisualStyleSettings(blocks=_resolve(SAMPLER_NAME, model, blocks, custom_blocks))
+        window = percent_window(model, calibration_start_percent, calibration_end_percent) if color_calibration else None
+        try:
+            out = sample_with_reference(install_visual_style_prompting(model, settings), source, positive, negative,
+                                        reference_positive, latent_image["samples"], sigmas, seed, cfg, sampler_name,
+                                        colour_window=window, cond_only_reference=trajectory is None)
+        except ValueError as err:
+            raise ValueError(f"{SAMPLER_NAME}: {err}") from err
+        return io.NodeOutput({"samples": out})
+
+
+NODES = [StyleKitVisualStylePrompting, StyleKitVisualStylePromptingReferenceSampler]

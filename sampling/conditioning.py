@@ -1,0 +1,65 @@
+"""Per-row conditioning: one CONDITIONING whose batch axis gives every latent row its own prompt.
+
+ComfyUI repeats a conditioning to the latent batch, and uses it unchanged when its batch already
+equals the latent batch, so stacking the prompts' tensors along the batch axis gives row i the
+i-th prompt. Only the cross-attention tensor and SDXL's `pooled_output` are stacked; every other
+entry (areas, masks, ControlNets, hooks) comes from the first prompt.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def _single_entry(conditioning: list, what: str):
+    if len(conditioning) != 1:
+        raise ValueError(f"input '{what}' holds {len(conditioning)} conditionings (from Conditioning Combine "
+                         "or scheduled prompts); connect a single text encoding")
+    return conditioning[0]
+
+
+def _repeat_rows(t: torch.Tensor, rows: int, what: str) -> torch.Tensor:
+    if t.shape[0] == rows:
+        return t
+    if t.shape[0] == 1:
+        return t.repeat(rows, *([1] * (t.ndim - 1)))
+    raise ValueError(f"input '{what}' has a batch of {t.shape[0]} prompts for {rows} latent rows; give "
+                     "one prompt, or one per row")
+
+
+def _cat_tokens(tensors: list[torch.Tensor]) -> torch.Tensor:
+    # Different token lengths (long prompts) are padded by repetition to their least common
+    # multiple, as core does when it batches conditionings (repetition leaves attention unchanged).
+    length = math.lcm(*(t.shape[1] for t in tensors))
+    return torch.cat([t.repeat(1, length // t.shape[1], 1) for t in tensors])
+
+
+def stack_rows(parts: list[tuple[list, int, str]]) -> list:
+    """Concatenate conditionings along the batch: each (conditioning, rows, name) fills `rows`
+    rows; errors name the part (a node input name)."""
+    entries = [(_single_entry(c, name), rows, name) for c, rows, name in parts]
+    cond = _cat_tokens([_repeat_rows(e[0], rows, name) for e, rows, name in entries])
+    options = dict(entries[0][0][1])
+    pooled = [e[1].get("pooled_output") for e, _, _ in entries]
+    if all(p is not None for p in pooled):
+        options["pooled_output"] = torch.cat([_repeat_rows(p, rows, name)
+                                              for p, (_, rows, name) in zip(pooled, entries)])
+    else:
+        options.pop("pooled_output", None)
+    return [[cond, options]]
+
+
+def with_reference_row(reference: list, rows: list, batch: int,
+                       names: tuple[str, str] = ("reference_positive", "positive")) -> list:
+    """Conditioning for the batch [reference row, `batch` generated rows]."""
+    return stack_rows([(reference, 1, names[0]), (rows, batch, names[1])])
+
+
+def encode_lines(clip, text: str) -> list:
+    """One prompt per non-empty line of `text`, encoded with `clip`, stacked into per-row conditioning."""
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError("input 'text' holds no prompt; write one prompt per line")
+    return stack_rows([(clip.encode_from_tokens_scheduled(clip.tokenize(prompt)), 1, f"text (line {i + 1})")
+                       for i, prompt in enumerate(prompts)])

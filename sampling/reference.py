@@ -1,0 +1,128 @@
+"""Sampling with a reference row: row 0 of the batch is re-supplied at every model evaluation.
+
+The real-reference variants of StyleAligned and Visual Style Prompting sample a batch
+[reference, generated rows...] where the reference row is not generated but given at each step:
+from an inversion trajectory (StyleAligned, pinned for the first `offset` steps) or as the
+reference latent forward-noised to the step's sigma (VSP's real-image script). The shared or
+swapped attention installed on the model then reads the reference's features from that row.
+Done in a CFGGuider, so it holds for every sampler and for cond/uncond batched or split.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import comfy.model_management
+import comfy.sample
+import comfy.samplers
+import comfy.utils
+import latent_preview
+import torch
+
+from ..attention.adain import match_channel_stats
+from ..patching.schedule import SigmaWindow
+from .conditioning import with_reference_row
+from .trajectory import InversionTrajectory, reference_latent, step_position
+
+ReferenceAt = Callable[[float], torch.Tensor]
+
+
+class TrajectoryReference:
+    """The reference row replays an inversion trajectory (official StyleAligned real reference)."""
+
+    def __init__(self, trajectory: InversionTrajectory, offset: int = 5):
+        if trajectory.latents.shape[1] != 1:
+            raise ValueError(f"the trajectory holds {trajectory.latents.shape[1]} images; invert a single "
+                             "reference image")
+        self.trajectory = trajectory
+        self.offset = offset
+        self.shape = tuple(trajectory.latents.shape[1:])
+
+    def bind(self, process_in: Callable, sigmas: torch.Tensor) -> ReferenceAt:
+        latents = torch.stack([process_in(x) for x in self.trajectory.latents])
+        return lambda sigma: reference_latent(latents, self.trajectory.sigmas, sigma, self.offset)
+
+
+class NoisedReference:
+    """The reference row is z0 + σ·ε at each step, fresh ε per step (official VSP real image)."""
+
+    def __init__(self, latent: torch.Tensor, seed: int):
+        if latent.shape[0] != 1:
+            raise ValueError(f"the reference latent holds {latent.shape[0]} images; encode a single reference image")
+        self.latent = latent
+        self.seed = seed
+        self.shape = tuple(latent.shape)
+
+    def bind(self, process_in: Callable, sigmas: torch.Tensor) -> ReferenceAt:
+        z0 = process_in(self.latent.float())
+
+        def at(sigma: float) -> torch.Tensor:
+            step, _ = step_position(sigmas, sigma)
+            generator = torch.Generator().manual_seed(self.seed + 1 + step)
+            return z0 + sigma * torch.randn(z0.shape, generator=generator)
+        return at
+
+
+class ReferenceRowGuider(comfy.samplers.CFGGuider):
+    """CFGGuider whose batch row 0 is the reference; optional VSP colour calibration and a
+    conditional-only prediction for the reference row (official VSP real-image script)."""
+
+    def __init__(self, model_patcher, source, colour_window: SigmaWindow | None = None,
+                 cond_only_reference: bool = False):
+        super().__init__(model_patcher)
+        self.source = source
+        self.colour_window = colour_window
+        self.cond_only_reference = cond_only_reference
+        self._reference_at: ReferenceAt | None = None
+
+    def sample(self, noise, latent_image, sampler, sigmas, *args, **kwargs):
+        self._reference_at = self.source.bind(self.model_patcher.model.process_latent_in, sigmas.cpu())
+        try:
+            return super().sample(noise, latent_image, sampler, sigmas, *args, **kwargs)
+        finally:
+            self._reference_at = None
+
+    def _post_cfg(self, args: dict) -> torch.Tensor:
+        denoised = args["denoised"]
+        if self.cond_only_reference and args.get("cond_denoised") is not None:
+            denoised = denoised.clone()
+            denoised[:1] = args["cond_denoised"][:1]
+        sigma = float(args["sigma"].flatten()[0])
+        if self.colour_window is not None and self.colour_window.contains(sigma):
+            denoised = denoised.clone()
+            denoised[1:] = match_channel_stats(denoised[1:], denoised[:1])
+        return denoised
+
+    def predict_noise(self, x, timestep, model_options={}, seed=None):
+        sigma = float(timestep.flatten()[0])
+        x = x.clone()
+        x[:1] = self._reference_at(sigma).to(x)
+        if self.colour_window is not None or self.cond_only_reference:
+            model_options = dict(model_options)
+            model_options["sampler_post_cfg_function"] = (
+                list(model_options.get("sampler_post_cfg_function", [])) + [self._post_cfg])
+        return comfy.samplers.sampling_function(self.inner_model, x, timestep, self.conds.get("negative"),
+                                                self.conds.get("positive"), self.cfg,
+                                                model_options=model_options, seed=seed)
+
+
+def sample_with_reference(model_patcher, source, positive, negative, reference_positive,
+                          latent_image: torch.Tensor, sigmas: torch.Tensor, seed: int, cfg: float,
+                          sampler_name: str, colour_window: SigmaWindow | None = None,
+                          cond_only_reference: bool = False) -> torch.Tensor:
+    """Sample `latent_image` ([B, C, H, W]) as rows 1..B of a batch whose row 0 is `source`'s
+    reference; returns the B generated rows. Row i gets the same initial noise KSampler would give
+    it for this seed, so a row differs from plain sampling only by what it shares."""
+    latent_image = comfy.sample.fix_empty_latent_channels(model_patcher, latent_image)
+    if tuple(latent_image.shape[1:]) != source.shape[1:]:
+        raise ValueError(f"input 'latent_image': its latent is {tuple(latent_image.shape[1:])} (channels, height, "
+                         f"width) but the reference's is {source.shape[1:]}; generate at the reference's size")
+    batch = latent_image.shape[0]
+    rows = torch.cat([torch.zeros_like(latent_image[:1]), latent_image])
+    noise = torch.cat([torch.zeros_like(latent_image[:1]), comfy.sample.prepare_noise(latent_image, seed)])
+    guider = ReferenceRowGuider(model_patcher, source, colour_window, cond_only_reference)
+    guider.set_conds(with_reference_row(reference_positive, positive, batch), negative)
+    guider.set_cfg(cfg)
+    callback = latent_preview.prepare_callback(model_patcher, sigmas.shape[-1] - 1)
+    samples = guider.sample(noise, rows, comfy.samplers.sampler_object(sampler_name), sigmas,
+                            callback=callback, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
+    return samples[1:].to(comfy.model_management.intermediate_device())
