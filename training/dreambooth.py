@@ -49,11 +49,12 @@ def encode_latents(vae, images: torch.Tensor) -> torch.Tensor:
 
 def _metadata(job: TrainingJob, model, blocks: str, prior_images: int) -> dict[str, str]:
     s = job.settings
-    base = type(model.model).__name__
+    config = type(model.model.model_config).__name__  # SD15, SD20, SD21UnclipH, SDXL, ...
+    version = "sdxl_base_v1-0" if config.startswith("SDXL") else "sd_v2" if config.startswith("SD2") else "sd_v1"
     return {
         # kohya sd-scripts' fields, which LoRA browsers and other UIs read
         "ss_network_module": "networks.lora", "ss_network_dim": str(s.rank), "ss_network_alpha": str(s.lora_alpha),
-        "ss_base_model_version": "sdxl_base_v1-0" if base.startswith("SDXL") else "sd_v1",
+        "ss_base_model_version": version,
         "ss_max_train_steps": str(s.steps), "ss_learning_rate": str(s.learning_rate), "ss_seed": str(s.seed),
         "stylekit_method": job.method, "stylekit_blocks": blocks, "stylekit_instance_prompt": job.instance_prompt,
         "stylekit_class_prompt": job.class_prompt or "", "stylekit_prior_weight": str(s.prior_weight),

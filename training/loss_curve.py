@@ -28,7 +28,7 @@ def loss_curve_image(subject: list[float], prior: list[float] | None = None, tit
     image = Image.new("RGB", (WIDTH, HEIGHT), "white")
     draw = ImageDraw.Draw(image)
     font = ImageFont.load_default()
-    series = [(subject, SUBJECT, SUBJECT_FAINT, "subject")]
+    series = [(subject, SUBJECT, SUBJECT_FAINT, "subject" if prior else "loss")]
     if prior:
         series.append((prior, PRIOR, PRIOR_FAINT, "prior (unweighted)"))
     values = [v for s, *_ in series for v in s if np.isfinite(v)]

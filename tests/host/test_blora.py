@@ -47,7 +47,8 @@ def test_blora_training_saves_only_the_content_and_style_blocks(trained):
     with safetensors.safe_open(str(lora_path(LORA)), "pt") as f:
         meta = f.metadata()
     assert meta["stylekit_method"] == "B-LoRA" and meta["stylekit_instance_prompt"] == "A [v]"
-    assert meta["ss_network_dim"] == "4" and "up_blocks.0.attentions.1" in meta["stylekit_blocks"]
+    assert meta["ss_network_dim"] == "4" and meta["ss_base_model_version"] == "sdxl_base_v1-0"
+    assert "up_blocks.0.attentions.1" in meta["stylekit_blocks"]
 
 
 def _apply(trained, lora, content, style):

@@ -214,3 +214,23 @@ def test_a_blora_preset_on_sd15_is_refused_naming_the_input_and_sdxl(run):
         StyleKitDreamBoothTrain.execute(m.model, m.clip, m.vae, subject_images(), "sks", "dog", 0.0, 2, 1e-4, 4,
                                         "B-LoRA content", "", 0, "StyleKit/never_written")
     assert not lora_path("StyleKit/never_written").exists()
+
+
+def test_the_prediction_type_is_read_from_the_models_sampling_object(run):
+    from comfy_extras.nodes_model_advanced import ModelSamplingContinuousEDM, ModelSamplingDiscrete
+
+    from stylekit.training.dreambooth import TrainingJob, run_training
+    from stylekit.training.trainer import TrainSettings, prediction_type
+
+    m = run.base
+    v_model = ModelSamplingDiscrete().patch(m.model, "v_prediction", False)[0]
+    assert prediction_type(m.model) == "eps" and prediction_type(v_model) == "v"
+    edm = ModelSamplingContinuousEDM().patch(m.model, "edm", 80.0, 0.002)[0]
+    with pytest.raises(ValueError, match="discrete eps, v and x0 models"):
+        prediction_type(edm)
+    job = TrainingJob("DreamBooth", "a sks lighthouse", None, "block list", "output 11", "StyleKit/test_v",
+                      TrainSettings(2, 1e-3, 4, 0.0))
+    with torch.inference_mode():
+        outcome = run_training(job, v_model, m.clip, m.vae, subject_images(), None)
+    _remove("StyleKit/test_v")
+    assert all(torch.isfinite(torch.tensor(l.subject)) for l in outcome.losses)

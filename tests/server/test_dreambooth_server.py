@@ -15,7 +15,7 @@ LORAS = BASE_DIR / "models" / "loras" / "StyleKit"
 def _training_prompt(lora_name: str, steps: int, prior_weight: float = 0.0) -> dict:
     """dreambooth_train at the tiny size, without the class images (subject term only)."""
     prompt = tiny(load_api_workflow("dreambooth_train"))
-    for node in ("8", "9"):
+    for node in ("8", "9", "18"):
         del prompt[node]
     train = prompt["10"]["inputs"]
     del train["prior_images"]
