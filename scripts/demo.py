@@ -24,7 +24,7 @@ from stylekit.tests.fixtures.images import ensure_example_images
 from stylekit.tests.support.host import init_comfy
 from stylekit.tests.support.paths import BASE_DIR, PACK_LINK_NAME, REPO, WORK, HostMissing, host_path
 from stylekit.tests.support.server import ComfyServer, PromptFailed, PromptRejected, ServerError
-from stylekit.tests.support.workflows import api_workflow_names, load_api_workflow, tiny
+from stylekit.tests.support.workflows import api_workflow_names, load_api_workflow, run_order, tiny
 
 THUMB = 192
 
@@ -107,7 +107,7 @@ def main() -> int:
     rows, failures = [], []
     try:
         with ComfyServer(base_dir=base_dir, cpu=cpu) as server:
-            for name in names:
+            for name in run_order(names):
                 started = time.monotonic()
                 try:
                     status, images = run_workflow(server, name, shrink=not user_mode, out=args.out)

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from stylekit.tests.support.ui_format import api_to_ui, ui_to_api
-from stylekit.tests.support.workflows import WORKFLOWS, api_workflow_names, load_api_workflow, tiny
+from stylekit.tests.support.workflows import WORKFLOWS, api_workflow_names, load_api_workflow, run_order, tiny
 
 NAMES = api_workflow_names()
 
@@ -18,7 +18,7 @@ def test_every_api_workflow_has_a_ui_twin_and_a_note():
         assert (WORKFLOWS / "notes" / f"{name}.md").read_text().strip(), f"workflows/notes/{name}.md is empty"
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", run_order(NAMES))  # writers of files others load run first
 def test_workflow_runs_on_the_tiny_fixtures_and_writes_images(server, name):
     outputs = server.run(tiny(load_api_workflow(name)), timeout=1200)
     images = outputs.images()

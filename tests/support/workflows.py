@@ -20,8 +20,22 @@ TINY_SIDE = 64
 TINY_STEPS = 4
 
 
+# A workflow that loads a file another workflow writes, and that writer: run_order() puts the
+# writer first (dreambooth_generate loads the LoRA dreambooth_train saves under models/loras).
+RUNS_AFTER = {"dreambooth_generate": "dreambooth_train"}
+
+
 def api_workflow_names() -> list[str]:
     return sorted(p.stem for p in API_DIR.glob("*.json"))
+
+
+def run_order(names: list[str]) -> list[str]:
+    """`names` in name order, except that each workflow of RUNS_AFTER runs after its writer."""
+    ordered = [n for n in sorted(names) if n not in RUNS_AFTER]
+    for reader, writer in RUNS_AFTER.items():
+        if reader in names:
+            ordered.insert(ordered.index(writer) + 1 if writer in ordered else len(ordered), reader)
+    return ordered
 
 
 def load_api_workflow(name: str) -> dict:

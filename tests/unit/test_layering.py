@@ -1,4 +1,4 @@
-"""The import direction of the design: attention/ (math) <- patching/ (glue) <- nodes/ (V3 nodes)."""
+"""The import direction of the design: attention/ (math) <- patching/, training/ (glue) <- nodes/ (V3 nodes)."""
 from __future__ import annotations
 
 import ast
@@ -39,6 +39,20 @@ def test_attention_package_imports_without_comfy_in_a_fresh_interpreter():
     assert result.stdout.strip() == "ok"
 
 
+def test_training_math_and_gradient_glue_import_without_comfy_in_a_fresh_interpreter():
+    # The objective, the loss curve and patching/gradients.py are pure torch; issue 5 reuses the latter.
+    code = (
+        "import sys\n"
+        "import stylekit.training.objectives, stylekit.training.loss_curve, stylekit.patching.gradients\n"
+        "bad = sorted(n for n in sys.modules if n == 'comfy' or n.startswith(('comfy.', 'comfy_api')))\n"
+        "assert not bad, bad\n"
+        "print('ok')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
 def test_math_modules_never_import_comfy():
     for path in _pack_modules("attention"):
         bad = {n for n in _imports(path) if n.split(".")[0] in ("comfy", "comfy_api", "folder_paths", "nodes")}
@@ -46,7 +60,7 @@ def test_math_modules_never_import_comfy():
 
 
 # Packages beside the glue (learned parts and loaders) follow the glue's rules.
-GLUE = ("patching", "ip_adapter", "sampling")
+GLUE = ("patching", "ip_adapter", "sampling", "training")
 
 
 def test_only_nodes_package_imports_comfy_api():
