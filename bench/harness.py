@@ -42,7 +42,8 @@ class Result:
     plain_step_s: float
     patched_step_s: float
     ratio: float
-    memory_added_pct: float | None = None
+    memory_added_pct: float | None = None     # all `memory_clones` clones, % of the model's weights
+    memory_per_clone_mb: float | None = None
     extra: dict = field(default_factory=dict)
 
 
@@ -81,11 +82,14 @@ def measure(case: Case, repeats: int = 3) -> Result:
     ratios = [p / q for p, q in zip(patched_times, plain_times)]
     result = Result(case, statistics.median(plain_times), statistics.median(patched_times), statistics.median(ratios))
     if case.memory_clones:
-        result.memory_added_pct = memory_of_clones(model, clip, vae, case)
+        added = memory_of_clones(model, clip, vae, case)
+        result.memory_added_pct = 100.0 * added / _weights_bytes(model)
+        result.memory_per_clone_mb = added / case.memory_clones / 2**20
     return result
 
 
-def memory_of_clones(model, clip, vae, case: Case) -> float:
+def memory_of_clones(model, clip, vae, case: Case) -> int:
+    """Resident bytes added by building `case.memory_clones` patched clones in a chain."""
     gc.collect()
     process = psutil.Process()
     before = process.memory_info().rss
@@ -94,5 +98,4 @@ def memory_of_clones(model, clip, vae, case: Case) -> float:
         current = case.patch(current, clip, vae)
         chain.append(current)
     gc.collect()
-    added = process.memory_info().rss - before
-    return 100.0 * max(added, 0) / _weights_bytes(model)
+    return max(process.memory_info().rss - before, 0)

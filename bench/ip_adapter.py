@@ -19,6 +19,7 @@ from stylekit.tests.support.host import load_clip_vision
 from .harness import Case
 
 BASE, PLUS = "ip-adapter_sd15.safetensors", "ip-adapter-plus_sd15.safetensors"
+SDXL_BASE = "ip-adapter_sdxl_vit-h.safetensors"
 
 
 @lru_cache(maxsize=None)
@@ -47,4 +48,6 @@ CASES = [
          notes="ip-adapter_sd15, every cross-attention layer, weight 0.8"),
     Case("IP-Adapter plus", "sd15", _with(PLUS), notes="ip-adapter-plus_sd15, 16 tokens"),
     Case("IP-Adapter base + plus stacked", "sd15", _with(BASE, PLUS), notes="two adapters on every layer"),
+    Case("IP-Adapter base", "sdxl", _with(SDXL_BASE), side=1024, steps=1, memory_clones=10,
+         notes="ip-adapter_sdxl_vit-h, every cross-attention layer"),
 ]

@@ -63,6 +63,8 @@ CASES = [
          lambda model, clip, vae: style_aligned(model, clip, vae, shared_score_shift=math.log(2)), batch=2,
          notes="shared_score_shift ln 2 (attention bias)"),
     Case("Visual Style Prompting batch 2", "sd15", visual_style_prompting, batch=2),
+    Case("StyleAligned batch 2", "sdxl", style_aligned, batch=2, side=1024, steps=1),
+    Case("Visual Style Prompting batch 2", "sdxl", visual_style_prompting, batch=2, side=1024, steps=1),
     Case("DDIM inversion per step", "sd15", _inversion.patch, batch=1, run=_inversion.run,
          notes="one inversion step vs one sampling step, cfg 5"),
 ]

@@ -1,4 +1,5 @@
-"""Names and types every node module shares."""
+"""Names, types and input checks every node module shares."""
+import torch
 from comfy_api.latest import io
 
 CATEGORY = "StyleKit"
@@ -22,3 +23,25 @@ def percent_inputs(what: str) -> list:
                        tooltip=f"Where in sampling {what} ends (1 = the last step). start = end = 1 "
                                "turns it off: the output equals plain sampling."),
     ]
+
+
+def check_images(node: str, input_name: str, images: torch.Tensor | None) -> None:
+    """Refuse an IMAGE batch a node cannot use: no images, or NaN/inf pixels (e.g. decoded from a
+    diverged latent), which would otherwise surface steps later as a black image or a deep error."""
+    _check_batch(node, input_name, images, "image", "connect at least one image")
+
+
+def check_latent(node: str, input_name: str, latent: dict | None) -> None:
+    """The same for a LATENT: an empty batch, or NaN/inf values."""
+    _check_batch(node, input_name, None if latent is None else latent["samples"], "latent",
+                 "connect a latent with at least one image (e.g. VAE Encode of a picture)")
+
+
+def _check_batch(node: str, input_name: str, tensor, what: str, fix: str) -> None:
+    if tensor is None:
+        return
+    if tensor.shape[0] == 0:
+        raise ValueError(f"{node}: input '{input_name}': the {what} batch is empty; {fix}")
+    if not torch.isfinite(tensor).all():
+        raise ValueError(f"{node}: input '{input_name}': the {what} holds NaN or inf values; check the node that "
+                         "made it (a diverged sampler or a broken file)")

@@ -12,7 +12,7 @@ from ..training.errors import InputError
 from ..training.lora_file import load_lora_file, normalized_lora_name
 from ..training.targets import ALL_ATTENTION, BLOCK_LIST, BLORA_CONTENT_STYLE, PRESETS
 from ..training.trainer import TrainSettings
-from ._common import category
+from ._common import category, check_images
 
 CATEGORY = category("training")
 LoraModel = io.Custom("LORA_MODEL")  # core's type for LoRA weights in the graph (nodes_train.py)
@@ -154,6 +154,8 @@ class StyleKitDreamBoothTrain(io.ComfyNode):
         token = _text("identifier", identifier, cls.DISPLAY)
         noun = _text("class_noun", class_noun, cls.DISPLAY)
         _lora_name(lora_name, cls.DISPLAY)
+        check_images(cls.DISPLAY, "images", images)
+        check_images(cls.DISPLAY, "prior_images", prior_images)
         if prior_weight > 0 and prior_images is None:
             raise ValueError(f"{cls.DISPLAY}: input 'prior_images': prior_weight {prior_weight} needs class images; "
                              "connect StyleKit DreamBooth Class Images, or set prior_weight to 0")
@@ -198,6 +200,7 @@ class StyleKitBLoRATrain(io.ComfyNode):
     def execute(cls, model, clip, vae, image, identifier, steps, learning_rate, rank, seed, lora_name) -> io.NodeOutput:
         token = _text("identifier", identifier, cls.DISPLAY)
         _lora_name(lora_name, cls.DISPLAY)
+        check_images(cls.DISPLAY, "image", image)
         job = TrainingJob("B-LoRA", f"A {token}", None, BLORA_CONTENT_STYLE, "", lora_name,
                           TrainSettings(steps, learning_rate, rank, 0.0, seed))
         return _train(cls.DISPLAY, job, model, clip, vae, image)
@@ -220,7 +223,12 @@ class StyleKitLoadBLoRA(io.ComfyNode):
 
     @classmethod
     def execute(cls, lora_name) -> io.NodeOutput:
-        lora, _ = load_lora_file(lora_name)
+        try:
+            lora, _ = load_lora_file(lora_name)
+        except Exception as err:  # safetensors raises several types for a damaged or foreign file
+            raise ValueError(f"{cls.DISPLAY}: input 'lora_name': {lora_name} could not be read as a LoRA "
+                             f"file ({err}); choose a .safetensors LoRA (a B-LoRA from StyleKit B-LoRA Train, "
+                             "or an official one)") from None
         return io.NodeOutput(lora)
 
 

@@ -5,7 +5,7 @@ import comfy.samplers
 from comfy_api.latest import io
 
 from ..sampling.inversion import invert, schedule
-from ._common import Trajectory, category
+from ._common import Trajectory, category, check_latent
 
 NAME = "StyleKit DDIM Inversion"
 
@@ -47,6 +47,7 @@ class StyleKitDDIMInversion(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, negative, latent_image, steps, cfg, scheduler,
                 fixed_point_iterations) -> io.NodeOutput:
+        check_latent(NAME, "latent_image", latent_image)
         try:
             trajectory = invert(model, latent_image["samples"], positive, negative,
                                 schedule(model, scheduler, steps), cfg=cfg,

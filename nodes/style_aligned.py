@@ -11,7 +11,7 @@ from ..patching.layer_select import ALL, CUSTOM, UP_ONLY, resolve_blocks
 from ..patching.sharing import installed_sharing
 from ..patching.style_aligned import StyleAlignedSettings, install_style_aligned
 from ..sampling.reference import TrajectoryReference, sample_with_reference
-from ._common import Trajectory, category, percent_inputs
+from ._common import Trajectory, category, check_latent, percent_inputs
 
 NAME = "StyleKit StyleAligned"
 SAMPLER_NAME = "StyleKit StyleAligned Reference Sampler"
@@ -147,6 +147,7 @@ class StyleKitStyleAlignedReferenceSampler(io.ComfyNode):
     def execute(cls, model, positive, negative, reference_positive, latent_image, trajectory, seed, cfg,
                 sampler_name, reference_step_offset, shared_score_shift, shared_score_scale, share_group_norm,
                 blocks, custom_blocks) -> io.NodeOutput:
+        check_latent(SAMPLER_NAME, "latent_image", latent_image)
         already = installed_sharing(model)
         if already:
             raise ValueError(f"{SAMPLER_NAME}: input 'model': the model already has {already[0]} applied; "

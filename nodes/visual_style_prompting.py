@@ -10,7 +10,7 @@ from ..patching.sharing import installed_sharing
 from ..patching.visual_style import VisualStyleSettings, install_visual_style_prompting
 from ..sampling.inversion import schedule
 from ..sampling.reference import NoisedReference, TrajectoryReference, sample_with_reference
-from ._common import Trajectory, category, percent_inputs
+from ._common import Trajectory, category, check_latent, percent_inputs
 from .style_aligned import _blocks_inputs, _resolve
 
 NAME = "StyleKit Visual Style Prompting"
@@ -111,6 +111,8 @@ class StyleKitVisualStylePromptingReferenceSampler(io.ComfyNode):
     def execute(cls, model, positive, negative, reference_positive, latent_image, seed, steps, cfg, sampler_name,
                 scheduler, color_calibration, calibration_start_percent, calibration_end_percent, blocks,
                 custom_blocks, reference_latent=None, trajectory=None, reference_step_offset=0) -> io.NodeOutput:
+        check_latent(SAMPLER_NAME, "latent_image", latent_image)
+        check_latent(SAMPLER_NAME, "reference_latent", reference_latent)
         already = installed_sharing(model)
         if already:
             raise ValueError(f"{SAMPLER_NAME}: input 'model': the model already has {already[0]} applied; "

@@ -86,9 +86,15 @@ def parse_spec(text: str) -> Spec:
         raise BlockWeightsError(f"cannot read it as JSON or a Python dict ({err.__class__.__name__}: {err})") from None
 
 
+WEIGHT_RANGE = (-1.0, 5.0)   # as the apply nodes' global weight: beyond it the image swamps the text
+
+
 def _number(value, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise BlockWeightsError(f"{where}: expected a number, got {value!r}")
+    low, high = WEIGHT_RANGE
+    if not low <= value <= high:  # also refuses NaN
+        raise BlockWeightsError(f"{where}: weight {value} is out of range; use {low} to {high}")
     return float(value)
 
 

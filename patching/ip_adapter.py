@@ -40,6 +40,7 @@ class IPAdapterSettings:
     block_weights: object = ""            # the custom spec (text or dict) when blocks is custom
     combine: str = "concat"               # several references: "concat" tokens or "average" features
     attn_mask: torch.Tensor | None = None  # [M, H, W] in [0, 1]; M = 1 or one per latent image
+    node: str = "StyleKit IP-Adapter"     # names the node in errors the mask raises during sampling
 
 
 class ImageKVCache:
@@ -68,11 +69,30 @@ class ImageKVCache:
 
 
 class TokenMask:
-    """A [M, H, W] mask and its resized copies per token grid, device and dtype (shared like ImageKVCache)."""
+    """A [M, H, W] mask and its resized copies per token grid, device and dtype (shared like ImageKVCache).
 
-    def __init__(self, mask: torch.Tensor):
-        self.mask = mask
+    Sizes may differ from the latent's (an image-sized mask is the usual case) but proportions may
+    not: a mask of other proportions would be squeezed onto the image, so it is refused."""
+
+    MAX_ASPECT_DRIFT = 1.25   # a few pixels of rounding on small masks, never a different shape
+
+    def __init__(self, mask: torch.Tensor, node: str = "StyleKit IP-Adapter"):
+        self.mask, self.node = mask, node
         self._cache: dict[tuple, torch.Tensor] = {}
+
+    def error(self, problem: str) -> ValueError:
+        return ValueError(f"{self.node}: input 'attn_mask': {problem}")
+
+    def check_fits(self, latent_hw: tuple[int, int], rows: int) -> None:
+        frames, h, w = self.mask.shape
+        if frames not in (1, rows):
+            raise self.error(f"the mask has {frames} frames for a batch of {rows} latents; give one mask, "
+                             "or one per latent")
+        if min(h, w) > 1:
+            drift = (w / h) / (latent_hw[1] / latent_hw[0])
+            if max(drift, 1 / drift) > self.MAX_ASPECT_DRIFT:
+                raise self.error(f"the mask is {w}x{h} px but the latent is {latent_hw[1]}x{latent_hw[0]}: its aspect "
+                                 "ratio differs from the image's; give a mask of the image's proportions")
 
     def __deepcopy__(self, memo):
         return self
@@ -115,11 +135,10 @@ class IPAdapterPatch(ReplacePatch):
         return add_image_attention(out, q, [ImageKV(k_ip, v_ip, self.weight, mask)], kernel)
 
     def _batch_mask(self, extra_options: dict, q: torch.Tensor, n_chunks: int) -> torch.Tensor:
-        mask = self.mask.for_layer(q.shape[1], extra_options, q.device, q.dtype)  # [M, N, 1]
         rows = q.shape[0] // n_chunks
-        if mask.shape[0] not in (1, rows):
-            raise ValueError(f"the attention mask has {mask.shape[0]} frames for a batch of {rows} latents; "
-                             "give one mask, or one per latent")
+        shape = extra_options.get("original_shape") or extra_options["activations_shape"]
+        self.mask.check_fits(tuple(shape[-2:]), rows)
+        mask = self.mask.for_layer(q.shape[1], extra_options, q.device, q.dtype)  # [M, N, 1]
         return mask if mask.shape[0] == 1 else mask.repeat(n_chunks, 1, 1)
 
 
@@ -153,7 +172,7 @@ def apply_ip_adapter(model_patcher, adapter: IPAdapter, tokens: ImageTokens, set
     check_adapter_fits(adapter, bm)
     weights = layer_weights(bm, settings)
     window = percent_window(model_patcher, settings.start_percent, settings.end_percent)
-    mask = TokenMask(settings.attn_mask) if settings.attn_mask is not None else None
+    mask = TokenMask(settings.attn_mask, settings.node) if settings.attn_mask is not None else None
     m = model_patcher.clone()
     for site in bm:
         for layer, key in zip(site.layers(), site.ip_adapter_keys):

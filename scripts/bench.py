@@ -37,12 +37,13 @@ def table(results: list[Result]) -> str:
     rows = [f"StyleKit bench on {device}, {platform.machine()}, torch {torch.__version__}, PyTorch SDPA attention; "
             "ratio = median of paired per-step times, patched / plain, in the same run",
             "",
-            "| case | model | batch | px | plain s/step | patched s/step | ratio | goal | memory of clones |",
+            "| case | model | batch | px | plain s/step | patched s/step | ratio | goal | memory added by patched clones |",
             "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         c = r.case
         goal = f"≤ {c.goal:.2f} {'met' if r.ratio <= c.goal else 'MISSED'}" if c.goal else ""
-        memory = f"{r.memory_added_pct:.3f} % ({c.memory_clones} clones)" if r.memory_added_pct is not None else ""
+        memory = (f"{r.memory_per_clone_mb:.2f} MB per clone ({r.memory_added_pct:.3f} % of weights for "
+                  f"{c.memory_clones})" if r.memory_added_pct is not None else "")
         rows.append(f"| {c.name} | {c.model} | {c.batch} | {c.side} | {r.plain_step_s:.3f} | {r.patched_step_s:.3f} "
                     f"| {r.ratio:.3f} | {goal} | {memory} |")
     return "\n".join(rows)
@@ -68,7 +69,7 @@ def chart(results: list[Result], path) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--only", default="", help="run the cases whose name contains this")
+    parser.add_argument("--only", default="", help="run the cases whose \"name (model)\" contains this, e.g. sdxl")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     # PyTorch SDPA, the default attention on GPUs; core's CPU default (sub-quadratic) is 2x slower
@@ -78,7 +79,7 @@ def main() -> int:
     ensure_all()
     results = []
     for case in all_cases():
-        if args.only.lower() in case.name.lower():
+        if args.only.lower() in f"{case.name} ({case.model})".lower():
             results.append(measure(case, args.repeats))
             print(f"  {case.name}: ratio {results[-1].ratio:.3f}", flush=True)
     OUT.mkdir(parents=True, exist_ok=True)

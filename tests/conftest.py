@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 TESTS = Path(__file__).resolve().parent
-LAYERS = ("unit", "host", "server", "frontend")
+LAYERS = ("unit", "host", "server", "reliability", "frontend")
 
 
 def pytest_configure(config):
@@ -27,7 +27,7 @@ def _layer(item) -> str | None:
 
 
 def pytest_collection_modifyitems(config, items):
-    """Mark each test with its layer and run the layers cheapest first: unit, host, server,
+    """Mark each test with its layer and run the layers cheapest first: unit, host, server, reliability,
     frontend (Playwright's sync API keeps an event loop running once the browser is up)."""
     for item in items:
         if _layer(item):
