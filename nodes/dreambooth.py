@@ -43,7 +43,7 @@ def _train(node: str, job: TrainingJob, model, clip, vae, images, prior_images=N
 
 
 def _seed_input() -> io.Int.Input:
-    return io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
+    return io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                         tooltip="Seeds the LoRA initialisation, the image order, the noise and the timesteps.")
 
 

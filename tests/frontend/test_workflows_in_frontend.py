@@ -28,7 +28,18 @@ def test_workflow_loads_without_missing_nodes_or_errors(frontend, name):
 def test_frontend_converts_the_ui_workflow_to_its_api_twin(frontend, name):
     frontend.load(json.loads((WORKFLOWS / f"{name}.json").read_text()))
     frontend.close_dialogs()
-    assert frontend.queued_prompt() == load_api_workflow(name)
+    queued, twin = frontend.queued_prompt(), load_api_workflow(name)
+    assert queued == twin, _differences(queued, twin)
+
+
+def _differences(queued: dict, twin: dict) -> str:
+    """Which node inputs differ, frontend's conversion first: a readable failure."""
+    lines = [f"node {n}: only in {'the UI' if n in queued else 'the API twin'}" for n in set(queued) ^ set(twin)]
+    for n in sorted(set(queued) & set(twin)):
+        a, b = queued[n].get("inputs", {}), twin[n].get("inputs", {})
+        lines += [f"node {n} ({twin[n]['class_type']}) input {k!r}: UI {a.get(k, '<missing>')!r} "
+                  f"!= API {b.get(k, '<missing>')!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return "\n".join(lines)
 
 
 def test_a_workflow_with_an_unknown_node_is_reported_missing(frontend):

@@ -153,8 +153,9 @@ def theil_sen_slope(values: list[float]) -> float:
 def test_training_memory_stays_flat_over_the_steps(run):
     assert len(run.rss_mb) == STEPS
     trend = theil_sen_slope(run.rss_mb[5:])  # after the optimizer state and allocator warm up
-    # A leaked autograd graph grows it ~9 MB per step.
-    assert trend < 3.0, (trend, [round(v) for v in run.rss_mb])
+    # A leaked autograd graph grows it ~9 MB per step; allocator churn on a loaded shared machine
+    # has measured up to 3.3 MB per step with no leak.
+    assert trend < 5.0, (trend, [round(v) for v in run.rss_mb])
 
 
 def _losses(m: Prompted, prior_weight: float, prior_images, steps: int = 2):

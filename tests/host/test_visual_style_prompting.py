@@ -1,6 +1,7 @@
 """Visual Style Prompting on the real host: default layers, batch robustness, reversibility."""
 from __future__ import annotations
 
+import comfy.sample
 import pytest
 import torch
 
@@ -83,6 +84,13 @@ def test_first_steps_cfg_replaces_the_guidance_of_the_first_steps_only(sd15):
     boosted = vsp(sd15.model, first_steps_cfg=20.0, first_steps=1, **off)
     assert relative_error(sample(boosted, positive, negative, 2, cfg=7.0, steps=1),
                           sample(sd15.model, positive, negative, 2, cfg=20.0, steps=1)) <= 1e-6
+    # Two steps: the first at cfg 20, the second at the sampler's 7, as two plain samplings chained.
+    latent = torch.zeros(2, 4, 8, 8)
+    noise = comfy.sample.prepare_noise(latent, 3)
+    first = comfy.sample.sample(sd15.model, noise, 2, 20.0, "euler", "normal", positive, negative, latent,
+                                last_step=1, disable_pbar=True, seed=3)
+    want = comfy.sample.sample(sd15.model, torch.zeros_like(noise), 2, 7.0, "euler", "normal", positive, negative,
+                               first, disable_noise=True, start_step=1, disable_pbar=True, seed=3)
     two_steps = sample(boosted, positive, negative, 2, cfg=7.0, steps=2)
-    assert relative_error(two_steps, sample(sd15.model, positive, negative, 2, cfg=20.0, steps=2)) > 1e-3
-    assert relative_error(two_steps, sample(sd15.model, positive, negative, 2, cfg=7.0, steps=2)) > 1e-3
+    assert relative_error(two_steps, want) <= 1e-6
+    assert relative_error(two_steps, sample(sd15.model, positive, negative, 2, cfg=20.0, steps=2)) > 1e-6

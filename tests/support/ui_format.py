@@ -9,7 +9,8 @@ same in the browser test layer.
 Widget rules of the frontend that shape `widgets_values`:
   - an input is a widget when its type is INT, FLOAT, STRING, BOOLEAN or a combo (a list of
     options, or "COMBO"), in `input_order` (required, then optional);
-  - an input with `control_after_generate` gets one extra value after its own ("fixed" keeps
+  - an input with `control_after_generate`, and any INT input named seed or noise_seed, gets one
+    extra value after its own ("fixed" keeps
     the seed as saved; the frontend would otherwise change it after each run);
   - an image_upload combo gets one extra value for its upload button.
 A widget fed by a link is listed in the node's `inputs` with a "widget" entry and keeps its slot
@@ -47,9 +48,13 @@ def _is_widget(kind) -> bool:
     return isinstance(kind, list) or kind in WIDGET_TYPES
 
 
-def _extra_widget_values(options: dict) -> list:
+# The frontend gives these INT inputs a control widget even when the node does not ask for one.
+SEED_NAMES = ("seed", "noise_seed")
+
+
+def _extra_widget_values(name: str, kind, options: dict) -> list:
     extra = []
-    if options.get("control_after_generate"):
+    if options.get("control_after_generate") or (kind == "INT" and name in SEED_NAMES):
         extra.append("fixed")
     if options.get("image_upload"):
         extra.append("image")
@@ -114,7 +119,7 @@ def api_to_ui(api: dict, object_info: dict, note: str | None = None) -> dict:
             value = node["inputs"].get(name, options.get("default"))
             # A linked widget keeps a value slot; the frontend ignores it while the link exists.
             widgets_values.append(options.get("default") if _is_link(value) else value)
-            widgets_values.extend(_extra_widget_values(options))
+            widgets_values.extend(_extra_widget_values(name, kind, options))
         outputs = [{"name": info["output_name"][i], "type": t, "links": outgoing.get((int(node_id), i), []),
                     "slot_index": i} for i, t in enumerate(info["output"])]
         height = 60 + 26 * len(widgets_values) + 22 * max(len(incoming[int(node_id)]), len(outputs))
@@ -154,7 +159,7 @@ def ui_to_api(ui: dict, object_info: dict) -> dict:
         for name, kind, options in _input_specs(info):
             if _is_widget(kind) and values:
                 value = values.pop(0)
-                del values[:len(_extra_widget_values(options))]
+                del values[:len(_extra_widget_values(name, kind, options))]
                 inputs[name] = value
             if name in linked:
                 origin_id, slot = link_origin[linked[name]]
