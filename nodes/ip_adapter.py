@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io
 
-from ..ip_adapter.encode import COMBINE, ClipVisionMismatch, check_clip_vision, encode_images
+from ..ip_adapter.encode import COMBINE, ClipVisionMismatch, CombineError, check_clip_vision, encode_images
 from ..ip_adapter.files import ip_adapter_files, load_ip_adapter
 from ..ip_adapter.model import IPAdapterFileError
 from ..patching.block_weights import ALL, CUSTOM, PRESETS, BlockWeightsError
@@ -37,6 +37,8 @@ def _inject(node: str, model, ipadapter, embeds, settings: IPAdapterSettings):
         raise node_error(node, "block_weights" if settings.blocks == CUSTOM else "blocks", err) from err
     except ClipVisionMismatch as err:
         raise node_error(node, "embeds", err) from err
+    except CombineError as err:
+        raise node_error(node, "combine", err) from err
 
 
 def _mask_frames(mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -73,8 +75,9 @@ def injection_inputs() -> list:
                                 "diffusers' {\"up\": {\"block_0\": [0.0, 1.0, 0.0]}}; a list per block gives one "
                                 "value per transformer layer. Unnamed blocks get 0."),
         io.Combo.Input("combine", options=list(COMBINE), default="concat",
-                       tooltip="Several reference images: concat their tokens (each image counts), or average their "
-                               "CLIP features into one reference."),
+                       tooltip="Several reference images: concat their tokens (each image counts), average their "
+                               "CLIP features into one reference, or joint: one token set read from all references' "
+                               "CLIP patch tokens at once (StyleAdapter; plus / full-face / StyleAdapter models)."),
     ]
 
 
