@@ -88,9 +88,10 @@ class StyleKitIPAdapterLoader(io.ComfyNode):
             node_id="StyleKitIPAdapterLoader",
             display_name="StyleKit IP-Adapter Loader",
             category=CATEGORY,
-            description=("Loads an official IP-Adapter file from models/ipadapter (.safetensors or .bin). The type "
-                         "(base, plus, full-face), the base model (SD1.5 or SDXL) and the CLIP vision model it needs "
-                         "are read from the tensor shapes, not the file name."),
+            description=("Loads an official IP-Adapter file from models/ipadapter (.safetensors or .bin), or a "
+                         "StyleAdapter checkpoint in the layout the README documents. The type (base, plus, full-face, "
+                         "styleadapter), the base model (SD1.5 or SDXL) and the CLIP vision model it needs are read "
+                         "from the tensor shapes, not the file name."),
             inputs=[io.Combo.Input("ipadapter_file", options=ip_adapter_files(),
                                    tooltip="A file in models/ipadapter, e.g. ip-adapter_sd15.safetensors.")],
             outputs=[IPAdapterType.Output(display_name="ipadapter")],
