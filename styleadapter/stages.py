@@ -23,18 +23,23 @@ class ClassTokenError(ValueError):
     """The embeds have no class token to remove; the message says why."""
 
 
+def check_has_class_token(source: str, class_token: bool = True) -> None:
+    """Raise ClassTokenError unless features of this source still carry a class token to remove."""
+    if source == IMAGE_EMBEDS:
+        raise ClassTokenError(
+            "these embeds are the global (pooled) CLIP image embedding that base IP-Adapters read, which has no "
+            "class token to remove; class-token removal works with token-sequence adapters (IP-Adapter plus, "
+            "full-face, StyleAdapter)")
+    if not class_token:
+        raise ClassTokenError("the class token was already removed from these embeds; remove it once")
+
+
 def remove_class_token(embeds: ImageEmbeds) -> ImageEmbeds:
     """The embeds without the CLIP class token: [N, 257, H] -> [N, 256, H] for cond and uncond.
 
     Raises ClassTokenError for global image embeds (base adapters: the pooled embedding has no
     token to drop) and for embeds whose class token is already gone."""
-    if embeds.source == IMAGE_EMBEDS:
-        raise ClassTokenError(
-            "these embeds are the global (pooled) CLIP image embedding that base IP-Adapters read, which has no "
-            "class token to remove; class-token removal works with token-sequence adapters (IP-Adapter plus, "
-            "full-face, StyleAdapter)")
-    if not embeds.class_token:
-        raise ClassTokenError("the class token was already removed from these embeds; remove it once")
+    check_has_class_token(embeds.source, embeds.class_token)
     return ImageEmbeds(cond=drop_class_token(embeds.cond), uncond=drop_class_token(embeds.uncond),
                        source=embeds.source, class_token=False)
 
@@ -60,6 +65,8 @@ class StyleAdapterSettings:
 
 def style_tokens(adapter: IPAdapter, clip_vision, images: torch.Tensor, settings: StyleAdapterSettings) -> ImageTokens:
     """The style tokens of N references: shuffled, encoded, without class token, merged (settings)."""
+    if settings.remove_class_token:
+        check_has_class_token(adapter.clip_input)  # before CLIP runs, not after
     if settings.shuffle_grid > 1:
         images = shuffle_patches(images, settings.shuffle_grid, settings.shuffle_seed)
     embeds = encode_images(clip_vision, images, adapter.clip_input, crop=settings.crop)
