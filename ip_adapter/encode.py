@@ -5,7 +5,8 @@
                                cond + uncond)                              UNet's context width)
 
 Transforms between the stages act on ImageEmbeds: InstantStyle's content subtraction
-(content.py) here; issue 6 adds class-token removal and multi-reference merges.
+(content.py), StyleAdapter's class-token removal (styleadapter/decoupling.py). Several references
+are merged when they are projected (image_tokens' `combine`).
 
 Unconditional features follow the reference implementations (tencent-ailab/IP-Adapter and
 diffusers), not the incumbent ComfyUI pack:
@@ -24,11 +25,15 @@ import torch
 
 from .model import CLIP_VISION_FILE, CLIP_VISION_NAME, IMAGE_EMBEDS, PENULTIMATE, IPAdapter
 
-COMBINE = ("concat", "average")
+COMBINE = ("concat", "average", "joint")
 
 
 class ClipVisionMismatch(ValueError):
     """The CLIP vision model does not give the features the adapter was trained on."""
+
+
+class CombineError(ValueError):
+    """The references cannot be merged that way for these features; the message says why."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -37,11 +42,13 @@ class ImageEmbeds:
 
     source IMAGE_EMBEDS: cond, uncond [N, D] (projected global embedding);
     source PENULTIMATE:  cond, uncond [N, S, H] (penultimate hidden states, S = 257 with the
-    class token first). Shared, never mutated: deepcopy returns the object.
+    class token first; class_token False once it was removed, S = 256). Shared, never mutated:
+    deepcopy returns the object.
     """
     cond: torch.Tensor
     uncond: torch.Tensor
     source: str
+    class_token: bool = True
 
     def __post_init__(self):
         if self.cond.shape != self.uncond.shape:
@@ -140,17 +147,26 @@ def image_tokens(adapter: IPAdapter, embeds: ImageEmbeds, combine: str = "concat
 
     combine "concat": each reference is projected and their tokens are concatenated (N·T tokens,
     as diffusers does for several images per adapter); "average": the features are averaged first
-    (T tokens, one blended reference).
+    (T tokens, one blended reference); "joint" (StyleAdapter's multi-reference): the token
+    sequences of all references are concatenated into one sequence [1, N·S, H] and projected once,
+    so a projection with learned queries (plus Resampler, StyleAdapter StyEmb) reads every
+    reference and gives T tokens; a per-token projection (full-face) gives N·S, as concat does.
+    Global image embeds have no token sequence: "joint" raises CombineError for them.
     """
     check_embeds(adapter, embeds)
     if combine not in COMBINE:
-        raise ValueError(f"combine must be one of {COMBINE}, not {combine!r}")
+        raise CombineError(f"combine must be one of {COMBINE}, not {combine!r}")
+    if combine == "joint" and embeds.source == IMAGE_EMBEDS:
+        raise CombineError(f"'joint' concatenates the references' token sequences, but {adapter.name} reads one "
+                           "global image embedding per image; use 'concat' or 'average' with this adapter")
     projection_dtype = next(adapter.projection.parameters()).dtype
     tokens = []
     for features in (embeds.cond, embeds.uncond):
         x = features.to("cpu", projection_dtype)
         if combine == "average":
             x = x.mean(dim=0, keepdim=True)
+        elif combine == "joint":
+            x = x.reshape(1, -1, x.shape[-1])                          # [1, N·S, H]
         projected = adapter.projection(x)                              # [N, T, C]
         tokens.append(projected.reshape(1, -1, projected.shape[-1]))   # [1, N·T, C]
     return ImageTokens(cond=tokens[0], uncond=tokens[1])

@@ -4,6 +4,8 @@
 incumbent IP-Adapter pack does, so users' existing folders (and extra_model_paths.yaml entries)
 keep working; both packs can be installed side by side. `.safetensors` files hold flat
 `image_proj.*` / `ip_adapter.*` keys, `.bin` files a torch dict {"image_proj": ..., "ip_adapter": ...}.
+StyleAdapter checkpoints in the layout styleadapter/model.py documents (`style_emb.*` keys) live
+in the same folder and load through the same loader.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import weakref
 import comfy.utils
 import folder_paths
 
+from ..styleadapter.model import is_style_adapter, style_adapter_from_state_dict
 from .model import IPAdapter, IPAdapterFileError, ip_adapter_from_state_dict, split_state_dict
 
 FOLDER = "ipadapter"
@@ -36,11 +39,14 @@ def ip_adapter_files() -> list[str]:
 
 
 def read_ip_adapter(path: str) -> IPAdapter:
-    """Load an IP-Adapter file (.safetensors or .bin); IPAdapterFileError says why a file is not one."""
+    """Load an IP-Adapter (or StyleAdapter) file, .safetensors or .bin; IPAdapterFileError says why a
+    file is not one."""
     try:
         flat = comfy.utils.load_torch_file(path, safe_load=True)
     except Exception as err:  # safetensors and torch.load raise many types for a damaged file
         raise IPAdapterFileError(f"it could not be read as .safetensors or torch weights ({err})") from None
+    if is_style_adapter(flat):
+        return style_adapter_from_state_dict(flat, name=os.path.basename(path))
     return ip_adapter_from_state_dict(split_state_dict(flat), name=os.path.basename(path))
 
 

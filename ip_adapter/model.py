@@ -40,7 +40,7 @@ class IPAdapter:
     so __deepcopy__ returns the object itself and the weights exist once however many clones
     hold it."""
     name: str
-    kind: str                                       # "base" | "plus" | "full-face"
+    kind: str                                       # "base" | "plus" | "full-face" | "styleadapter"
     projection: nn.Module
     kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(repr=False)  # key number -> (to_k_ip, to_v_ip) weights
     tokens: int                                     # image tokens per reference image
@@ -60,7 +60,8 @@ class IPAdapter:
         return CLIP_VISION_NAME.get((self.clip_input, self.clip_width), f"a {self.clip_width}-wide CLIP vision model")
 
     def describe(self) -> str:
-        return (f"{self.name}: IP-Adapter {self.kind} for {self.family}, {self.tokens} tokens per image, "
+        label = "StyleAdapter" if self.kind == "styleadapter" else f"IP-Adapter {self.kind}"
+        return (f"{self.name}: {label} for {self.family}, {self.tokens} tokens per image, "
                 f"{len(self.kv)} cross-attention layers, reads CLIP {self.clip_vision} "
                 f"{'image embeds' if self.clip_input == IMAGE_EMBEDS else 'penultimate hidden states'} "
                 f"({self.clip_width}-d)")

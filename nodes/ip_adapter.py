@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io
 
-from ..ip_adapter.encode import COMBINE, ClipVisionMismatch, check_clip_vision, encode_images
+from ..ip_adapter.encode import COMBINE, ClipVisionMismatch, CombineError, check_clip_vision, encode_images
 from ..ip_adapter.files import ip_adapter_files, load_ip_adapter
 from ..ip_adapter.model import IPAdapterFileError
 from ..patching.block_weights import ALL, CUSTOM, PRESETS, BlockWeightsError
@@ -37,6 +37,8 @@ def _inject(node: str, model, ipadapter, embeds, settings: IPAdapterSettings):
         raise node_error(node, "block_weights" if settings.blocks == CUSTOM else "blocks", err) from err
     except ClipVisionMismatch as err:
         raise node_error(node, "embeds", err) from err
+    except CombineError as err:
+        raise node_error(node, "combine", err) from err
 
 
 def _mask_frames(mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -73,8 +75,9 @@ def injection_inputs() -> list:
                                 "diffusers' {\"up\": {\"block_0\": [0.0, 1.0, 0.0]}}; a list per block gives one "
                                 "value per transformer layer. Unnamed blocks get 0."),
         io.Combo.Input("combine", options=list(COMBINE), default="concat",
-                       tooltip="Several reference images: concat their tokens (each image counts), or average their "
-                               "CLIP features into one reference."),
+                       tooltip="Several reference images: concat their tokens (each image counts), average their "
+                               "CLIP features into one reference, or joint: one token set read from all references' "
+                               "CLIP patch tokens at once (StyleAdapter; plus / full-face / StyleAdapter models)."),
     ]
 
 
@@ -85,9 +88,10 @@ class StyleKitIPAdapterLoader(io.ComfyNode):
             node_id="StyleKitIPAdapterLoader",
             display_name="StyleKit IP-Adapter Loader",
             category=CATEGORY,
-            description=("Loads an official IP-Adapter file from models/ipadapter (.safetensors or .bin). The type "
-                         "(base, plus, full-face), the base model (SD1.5 or SDXL) and the CLIP vision model it needs "
-                         "are read from the tensor shapes, not the file name."),
+            description=("Loads an official IP-Adapter file from models/ipadapter (.safetensors or .bin), or a "
+                         "StyleAdapter checkpoint in the layout the README documents. The type (base, plus, full-face, "
+                         "styleadapter), the base model (SD1.5 or SDXL) and the CLIP vision model it needs are read "
+                         "from the tensor shapes, not the file name."),
             inputs=[io.Combo.Input("ipadapter_file", options=ip_adapter_files(),
                                    tooltip="A file in models/ipadapter, e.g. ip-adapter_sd15.safetensors.")],
             outputs=[IPAdapterType.Output(display_name="ipadapter")],
