@@ -92,3 +92,19 @@ def inversion_nodes(latent: list, **inputs) -> dict:
                     scheduler="ddim_uniform", fixed_point_iterations=0)
     settings.update(inputs)
     return {"40": {"class_type": "StyleKitDDIMInversion", "inputs": settings}}
+
+
+def style_adapter_nodes(adapter: str = "ip-adapter-plus_sd15.safetensors", image: str = "stylekit_style.png",
+                        **inputs) -> dict:
+    settings = dict(model=["1", 0], ipadapter=["10", 0], clip_vision=["11", 0], image=["12", 0], style_scale=0.8,
+                    shuffle_grid=2, shuffle_seed=0, remove_class_token=True, merge="joint", start_percent=0.0,
+                    end_percent=1.0, blocks="all blocks", block_weights="")
+    settings.update(inputs)
+    nodes = ip_adapter_nodes(adapter=adapter, image=image)
+    del nodes["13"]
+    nodes["16"] = {"class_type": "StyleKitStyleAdapter", "inputs": settings}
+    return nodes
+
+
+def with_style_adapter(seed: int, **kwargs) -> dict:
+    return patched(txt2img(seed), style_adapter_nodes(**kwargs), ["16", 0])

@@ -30,15 +30,20 @@ def _ip(**kw):
     return lambda: p.with_ip_adapter(seed=1, **kw)
 
 
-def _latent_image(latent_file: str, **ip):
-    """A VAE-decoded latent file as the IP-Adapter's reference image."""
-    def build():
-        prompt = p.with_ip_adapter(seed=1, **ip)
+def _decoded_into(latent_file: str, build, node: str):
+    """`build`'s prompt with a VAE-decoded latent file as `node`'s image input."""
+    def inner():
+        prompt = build()
         prompt["50"] = {"class_type": "LoadLatent", "inputs": {"latent": latent_file}}
         prompt["51"] = {"class_type": "VAEDecode", "inputs": {"samples": ["50", 0], "vae": ["1", 2]}}
-        prompt["13"]["inputs"]["image"] = ["51", 0]
+        prompt[node]["inputs"]["image"] = ["51", 0]
         return prompt
-    return build
+    return inner
+
+
+def _latent_image(latent_file: str, **ip):
+    """A VAE-decoded latent file as the IP-Adapter's reference image."""
+    return _decoded_into(latent_file, _ip(**ip), "13")
 
 
 def _inversion_of(latent: list, extra: dict | None = None, **inputs):
@@ -192,6 +197,17 @@ CORPUS = [
          says=("StyleKit StyleAligned", "custom_blocks", "output 42")),
     Case("vsp: custom preset with no blocks", lambda: p.with_vsp(seed=1, blocks="custom", custom_blocks=""),
          says=("StyleKit Visual Style Prompting", "custom_blocks")),
+    # StyleAdapter strategies on adapters they do not fit.
+    Case("styleadapter: class-token removal on a base adapter",
+         lambda: p.with_style_adapter(seed=1, adapter="ip-adapter_sd15.safetensors", merge="concat"),
+         says=("StyleKit StyleAdapter", "remove_class_token")),
+    Case("styleadapter: joint merge on a base adapter",
+         lambda: p.with_style_adapter(seed=1, adapter="ip-adapter_sd15.safetensors", remove_class_token=False),
+         says=("StyleKit StyleAdapter", "merge")),
+    Case("styleadapter: NaN reference", _decoded_into("stylekit_nan.latent", lambda: p.with_style_adapter(seed=1), "16"),
+         says=("StyleKit StyleAdapter", "image", "NaN")),
+    Case("styleadapter: shuffle grid 0", lambda: p.with_style_adapter(seed=1, shuffle_grid=0),
+         says=("StyleKitStyleAdapter", "shuffle_grid")),
     # Out-of-range numbers.
     Case("ipadapter: weight -5", _ip(weight=-5.0), says=("StyleKitIPAdapter", "weight")),
     Case("ipadapter: a block weight of -50", _ip(blocks="custom (block_weights)", block_weights='{"output 4": -50}'),

@@ -13,6 +13,7 @@ MIX = [
     lambda seed: p.patched(p.txt2img(seed, batch=2), p.instantstyle_nodes(), ["15", 0]),
     lambda seed: p.with_style_aligned(seed),
     lambda seed: p.with_vsp(seed),
+    lambda seed: p.patched(p.txt2img(seed, batch=2), p.style_adapter_nodes(), ["16", 0]),
 ]
 
 

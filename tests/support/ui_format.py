@@ -10,8 +10,8 @@ Widget rules of the frontend that shape `widgets_values`:
   - an input is a widget when its type is INT, FLOAT, STRING, BOOLEAN or a combo (a list of
     options, or "COMBO"), in `input_order` (required, then optional);
   - an input with `control_after_generate`, and any INT input named seed or noise_seed, gets one
-    extra value after its own ("fixed" keeps
-    the seed as saved; the frontend would otherwise change it after each run);
+    extra value after its own ("fixed" keeps the seed as saved; the frontend would otherwise
+    change it after each run);
   - an image_upload combo gets one extra value for its upload button.
 A widget fed by a link is listed in the node's `inputs` with a "widget" entry and keeps its slot
 in `widgets_values`. The frontend queues every widget, so API files list every widget input.
