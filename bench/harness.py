@@ -34,6 +34,7 @@ class Case:
     memory_clones: int = 0                      # also measure memory of this many chained clones
     run: Callable | None = None                 # custom timed call (model, inputs) for non-sampler work
     notes: str = ""
+    peak_memory: bool = False                   # also measure peak resident memory of one plain / patched run
 
 
 @dataclass
@@ -82,7 +83,35 @@ def measure(case: Case, repeats: int = 3) -> Result:
     result = Result(case, statistics.median(plain_times), statistics.median(patched_times), statistics.median(ratios))
     if case.memory_clones:
         result.memory_added_pct = memory_of_clones(model, clip, vae, case)
+    if case.peak_memory:
+        gc.collect()
+        base = psutil.Process().memory_info().rss
+        result.extra["peak_rss_added_mb"] = {name: (peak_rss_during(lambda: run(target)) - base) / 2**20
+                                             for name, target in (("plain", model), ("patched", patched))}
     return result
+
+
+def peak_rss_during(fn: Callable[[], None], interval_s: float = 0.005) -> int:
+    """The highest resident memory (bytes) of this process while fn runs, polled on a thread."""
+    import threading
+
+    process = psutil.Process()
+    peak = [process.memory_info().rss]
+    done = threading.Event()
+
+    def poll() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], process.memory_info().rss)
+            done.wait(interval_s)
+
+    thread = threading.Thread(target=poll, daemon=True)
+    thread.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        thread.join()
+    return max(peak[0], process.memory_info().rss)
 
 
 def memory_of_clones(model, clip, vae, case: Case) -> float:

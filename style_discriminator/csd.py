@@ -96,7 +96,7 @@ def preprocess(images: torch.Tensor, size: int = 224) -> torch.Tensor:
         # torchvision's Resize(int): the shorter side becomes `size`, the longer one int(size·long/short).
         new_h, new_w = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
         x = F.interpolate(x, size=(new_h, new_w), mode="bicubic", antialias=True, align_corners=False)
-        top, left = (new_h - size) // 2, (new_w - size) // 2
+        top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))  # as CenterCrop
         x = x[..., top:top + size, left:left + size]
     mean = torch.tensor(CLIP_MEAN, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(CLIP_STD, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
