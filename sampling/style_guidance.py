@@ -238,3 +238,13 @@ def apply_style_guidance(model_patcher, discriminator: StyleDiscriminator, refer
     hook = StyleGuidance(discriminator, decoder, reference, settings, window)
     clone.set_model_sampler_post_cfg_function(hook)
     return clone
+
+
+def style_guidance_guider(model_patcher, positive, negative, cfg: float, discriminator: StyleDiscriminator,
+                          reference_images: torch.Tensor, settings: StyleGuidanceSettings, vae=None):
+    """A core CFGGuider (for SamplerCustomAdvanced) sampling the style-guided clone."""
+    guider = comfy.samplers.CFGGuider(apply_style_guidance(model_patcher, discriminator, reference_images,
+                                                           settings, vae=vae))
+    guider.set_conds(positive, negative)
+    guider.set_cfg(cfg)
+    return guider
