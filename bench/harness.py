@@ -34,7 +34,7 @@ class Case:
     memory_clones: int = 0                      # also measure memory of this many chained clones
     run: Callable | None = None                 # custom timed call (model, inputs) for non-sampler work
     notes: str = ""
-    peak_memory: bool = False                   # also measure peak resident memory of one plain / patched run
+    peak_memory: bool = False                   # also record peak resident memory added during the timed runs
 
 
 @dataclass
@@ -74,20 +74,23 @@ def measure(case: Case, repeats: int = 3) -> Result:
     run(model)  # warm-up: loads weights, builds kernels
     run(patched)
     plain_times, patched_times = [], []
+    peaks: dict[str, float] = {}
     for _ in range(repeats):
-        for target, times in ((model, plain_times), (patched, patched_times)):
+        for name, target, times in (("plain", model, plain_times), ("patched", patched, patched_times)):
+            base = psutil.Process().memory_info().rss
             started = time.perf_counter()
-            run(target)
+            if case.peak_memory:  # polled on a thread during the timed run itself: no extra run
+                peak = peak_rss_during(lambda: run(target))
+                peaks[name] = max(peaks.get(name, 0.0), (peak - base) / 2**20)
+            else:
+                run(target)
             times.append((time.perf_counter() - started) / case.steps)
     ratios = [p / q for p, q in zip(patched_times, plain_times)]
     result = Result(case, statistics.median(plain_times), statistics.median(patched_times), statistics.median(ratios))
     if case.memory_clones:
         result.memory_added_pct = memory_of_clones(model, clip, vae, case)
     if case.peak_memory:
-        gc.collect()
-        base = psutil.Process().memory_info().rss
-        result.extra["peak_rss_added_mb"] = {name: (peak_rss_during(lambda: run(target)) - base) / 2**20
-                                             for name, target in (("plain", model), ("patched", patched))}
+        result.extra["peak_rss_added_mb"] = peaks
     return result
 
 
