@@ -154,3 +154,24 @@ def test_clones_share_one_hook_and_one_decoder_copy(sd15, csd):
     hooks = {id(c.model_options["sampler_post_cfg_function"][0]) for c in clones}
     assert len(hooks) == 1
     assert math.isclose(clones[0].model_options["sampler_post_cfg_function"][0].settings.scale, 100.0)
+
+
+def _live_graph_tensors() -> int:
+    import gc
+
+    gc.collect()
+    return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor) and o.grad_fn is not None)
+
+
+def test_no_autograd_graph_outlives_a_guided_step(sd15, csd):
+    positive, negative = encode(sd15.clip, "a house"), encode(sd15.clip, "")
+    guided = apply_style_guidance(sd15.model, csd, _style_image(), StyleGuidanceSettings(scale=500.0))
+    live_during: list[int] = []
+    latent = torch.zeros(1, 4, 8, 8)
+    import comfy.sample
+
+    noise = comfy.sample.prepare_noise(latent, 0)
+    before = _live_graph_tensors()
+    comfy.sample.sample(guided, noise, 4, 5.0, "euler", "normal", positive, negative, latent, disable_pbar=True,
+                        seed=0, callback=lambda step, x0, x, total: live_during.append(_live_graph_tensors()))
+    assert live_during and max(live_during) == before and _live_graph_tensors() == before
