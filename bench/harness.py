@@ -34,6 +34,7 @@ class Case:
     memory_clones: int = 0                      # also measure memory of this many chained clones
     run: Callable | None = None                 # custom timed call (model, inputs) for non-sampler work
     notes: str = ""
+    peak_memory: bool = False                   # also record peak resident memory added during the timed runs
 
 
 @dataclass
@@ -74,10 +75,16 @@ def measure(case: Case, repeats: int = 3) -> Result:
     run(model)  # warm-up: loads weights, builds kernels
     run(patched)
     plain_times, patched_times = [], []
+    peaks: dict[str, float] = {}
     for _ in range(repeats):
-        for target, times in ((model, plain_times), (patched, patched_times)):
+        for name, target, times in (("plain", model, plain_times), ("patched", patched, patched_times)):
+            base = psutil.Process().memory_info().rss
             started = time.perf_counter()
-            run(target)
+            if case.peak_memory:  # polled on a thread during the timed run itself: no extra run
+                peak = peak_rss_during(lambda: run(target))
+                peaks[name] = max(peaks.get(name, 0.0), (peak - base) / 2**20)
+            else:
+                run(target)
             times.append((time.perf_counter() - started) / case.steps)
     ratios = [p / q for p, q in zip(patched_times, plain_times)]
     result = Result(case, statistics.median(plain_times), statistics.median(patched_times), statistics.median(ratios))
@@ -85,7 +92,32 @@ def measure(case: Case, repeats: int = 3) -> Result:
         added = memory_of_clones(model, clip, vae, case)
         result.memory_added_pct = 100.0 * added / _weights_bytes(model)
         result.memory_per_clone_mb = added / case.memory_clones / 2**20
+    if case.peak_memory:
+        result.extra["peak_rss_added_mb"] = peaks
     return result
+
+
+def peak_rss_during(fn: Callable[[], None], interval_s: float = 0.005) -> int:
+    """The highest resident memory (bytes) of this process while fn runs, polled on a thread."""
+    import threading
+
+    process = psutil.Process()
+    peak = [process.memory_info().rss]
+    done = threading.Event()
+
+    def poll() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], process.memory_info().rss)
+            done.wait(interval_s)
+
+    thread = threading.Thread(target=poll, daemon=True)
+    thread.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        thread.join()
+    return max(peak[0], process.memory_info().rss)
 
 
 def memory_of_clones(model, clip, vae, case: Case) -> int:

@@ -13,7 +13,7 @@ work on normal tensors with the same values:
 - `thaw_parameters_(module)`: the same in place for a module's parameters and buffers, values
   unchanged; no second copy of the model is kept, so this is the way for the UNet (training,
   guidance through the UNet). The module's behaviour is unchanged, only its tensors' kind;
-- `differentiable_copy(module, dtype, device)`: a frozen deep copy built from normal tensors, for
+- `differentiable_copy(module, dtype, device, without)`: a frozen deep copy built from normal tensors, for
   small modules a method wants in its own precision or untouched (a VAE decoder in fp32 for
   style guidance, a discriminator).
 
@@ -76,11 +76,15 @@ def thaw_parameters_(module: torch.nn.Module) -> int:
 
 
 def differentiable_copy(module: torch.nn.Module, dtype: torch.dtype | None = None,
-                        device: torch.device | str | None = None) -> torch.nn.Module:
+                        device: torch.device | str | None = None, without: tuple[str, ...] = ()) -> torch.nn.Module:
     """A deep copy of `module` made of normal tensors (optionally cast), frozen and in eval
-    mode: gradients flow through it to its inputs. The original is not touched."""
+    mode: gradients flow through it to its inputs. The original is not touched. `without` names
+    direct submodules left out of the copy (None there), e.g. a VAE's encoder when only its
+    decoder is differentiated."""
+    # deepcopy's memo maps a submodule to None, so it is neither copied nor shared.
+    memo = {id(getattr(module, name)): None for name in without if getattr(module, name, None) is not None}
     with torch.inference_mode(False):
-        twin = copy.deepcopy(module)
+        twin = copy.deepcopy(module, memo)
         thaw_parameters_(twin)  # deepcopy keeps a tensor's kind on some paths; make sure
         twin.to(device=device, dtype=dtype)
     twin.requires_grad_(False)

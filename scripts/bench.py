@@ -46,6 +46,12 @@ def table(results: list[Result]) -> str:
                   f"{c.memory_clones})" if r.memory_added_pct is not None else "")
         rows.append(f"| {c.name} | {c.model} | {c.batch} | {c.side} | {r.plain_step_s:.3f} | {r.patched_step_s:.3f} "
                     f"| {r.ratio:.3f} | {goal} | {memory} |")
+    peaks = [r for r in results if "peak_rss_added_mb" in r.extra]
+    if peaks:
+        rows += ["", "| case | peak memory added, plain run (MB) | patched run (MB) |", "|---|---|---|"]
+        for r in peaks:
+            p = r.extra["peak_rss_added_mb"]
+            rows.append(f"| {r.case.name} | {p['plain']:.0f} | {p['patched']:.0f} |")
     return "\n".join(rows)
 
 

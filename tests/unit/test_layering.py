@@ -60,7 +60,7 @@ def test_math_modules_never_import_comfy():
 
 
 # Packages beside the glue (learned parts and loaders) follow the glue's rules.
-GLUE = ("patching", "ip_adapter", "sampling", "training", "styleadapter")
+GLUE = ("patching", "ip_adapter", "sampling", "training", "styleadapter", "style_discriminator")
 
 
 def test_only_nodes_package_imports_comfy_api():
