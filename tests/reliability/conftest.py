@@ -10,7 +10,7 @@ import safetensors.torch
 import torch
 from PIL import Image
 
-from stylekit.tests.fixtures.registry import CLIP_VISION_VIT_H, IP_ADAPTER_SD15
+from stylekit.tests.fixtures.registry import CLIP_VISION_VIT_H, CSD_CHECKPOINT, IP_ADAPTER_SD15
 from stylekit.tests.support.paths import BASE_DIR
 
 OUTCOMES: list[tuple[str, str, str]] = []   # (case, outcome, message) for the summary
@@ -40,6 +40,9 @@ BAD_FILES = {
     ("ipadapter", "stylekit_bad_lora.safetensors"): lambda p: safetensors.torch.save_file(
         {"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 32),
          "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.zeros(32, 4)}, str(p)),
+    ("style_discriminators", "stylekit_bad_truncated.pth"): lambda p: _truncated(CSD_CHECKPOINT.linked_path(), p),
+    ("style_discriminators", "stylekit_bad_clip_vision.safetensors"):
+        lambda p: p.write_bytes(CLIP_VISION_VIT_H.linked_path().read_bytes()),
     ("clip_vision", "stylekit_bad_truncated.safetensors"):
         lambda p: _truncated(CLIP_VISION_VIT_H.linked_path(), p),
     ("checkpoints", "stylekit_bad_ip_adapter_as_checkpoint.safetensors"):

@@ -108,3 +108,18 @@ def style_adapter_nodes(adapter: str = "ip-adapter-plus_sd15.safetensors", image
 
 def with_style_adapter(seed: int, **kwargs) -> dict:
     return patched(txt2img(seed), style_adapter_nodes(**kwargs), ["16", 0])
+
+
+def style_guidance_nodes(discriminator: str = "checkpoint.pth", image: str = "stylekit_style.png", **inputs) -> dict:
+    settings = dict(model=["1", 0], style_discriminator=["90", 0], style_image=["91", 0], scale=2000.0, every=1,
+                    start_percent=0.0, end_percent=1.0, mode="fast", decoder="taesd (approximate)")
+    settings.update(inputs)
+    return {
+        "90": {"class_type": "StyleKitStyleDiscriminatorLoader", "inputs": {"discriminator_file": discriminator}},
+        "91": {"class_type": "LoadImage", "inputs": {"image": image}},
+        "92": {"class_type": "StyleKitStyleGuidance", "inputs": settings},
+    }
+
+
+def with_style_guidance(seed: int, **kwargs) -> dict:
+    return patched(txt2img(seed), style_guidance_nodes(**kwargs), ["92", 0])

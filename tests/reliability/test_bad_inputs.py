@@ -30,13 +30,13 @@ def _ip(**kw):
     return lambda: p.with_ip_adapter(seed=1, **kw)
 
 
-def _decoded_into(latent_file: str, build, node: str):
+def _decoded_into(latent_file: str, build, node: str, input_name: str = "image"):
     """`build`'s prompt with a VAE-decoded latent file as `node`'s image input."""
     def inner():
         prompt = build()
         prompt["50"] = {"class_type": "LoadLatent", "inputs": {"latent": latent_file}}
         prompt["51"] = {"class_type": "VAEDecode", "inputs": {"samples": ["50", 0], "vae": ["1", 2]}}
-        prompt[node]["inputs"]["image"] = ["51", 0]
+        prompt[node]["inputs"][input_name] = ["51", 0]
         return prompt
     return inner
 
@@ -208,6 +208,18 @@ CORPUS = [
          says=("StyleKit StyleAdapter", "image", "NaN")),
     Case("styleadapter: shuffle grid 0", lambda: p.with_style_adapter(seed=1, shuffle_grid=0),
          says=("StyleKitStyleAdapter", "shuffle_grid")),
+    # Style guidance.
+    Case("style discriminator: truncated checkpoint.pth",
+         lambda: p.with_style_guidance(seed=1, discriminator="stylekit_bad_truncated.pth"),
+         says=("StyleKit Style Discriminator Loader", "discriminator_file")),
+    Case("style discriminator: a CLIP vision file instead of CSD",
+         lambda: p.with_style_guidance(seed=1, discriminator="stylekit_bad_clip_vision.safetensors"),
+         says=("StyleKit Style Discriminator Loader", "discriminator_file")),
+    Case("style guidance: NaN style image", _decoded_into("stylekit_nan.latent", lambda: p.with_style_guidance(seed=1), "92",
+                                                     "style_image"),
+         says=("StyleKit Style Guidance", "style_image", "NaN")),
+    Case("style guidance: negative scale", lambda: p.with_style_guidance(seed=1, scale=-10.0),
+         says=("StyleKitStyleGuidance", "scale")),
     # Out-of-range numbers.
     Case("ipadapter: weight -5", _ip(weight=-5.0), says=("StyleKitIPAdapter", "weight")),
     Case("ipadapter: a block weight of -50", _ip(blocks="custom (block_weights)", block_weights='{"output 4": -50}'),

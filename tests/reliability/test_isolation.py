@@ -23,6 +23,7 @@ PATCHED = {
         plain, p.vsp_nodes(first_steps_cfg=20.0, first_steps=1), ["30", 0]),
     "StyleAdapter (shuffle, no class token, joint)": lambda plain: p.patched(
         plain, p.style_adapter_nodes(), ["16", 0]),
+    "Style guidance (fast, TAESD, every step)": lambda plain: p.patched(plain, p.style_guidance_nodes(), ["92", 0]),
     "IP-Adapter then StyleAligned (stacked)": lambda plain: p.patched(
         plain, {**p.ip_adapter_nodes(), **p.style_aligned_nodes(model=["13", 0])}, ["20", 0]),
 }
