@@ -4,6 +4,7 @@ VENV   := .venv
 VPY    := $(VENV)/bin/python
 PORT   ?= 8188
 PYTEST_ARGS ?=
+BENCH_ARGS  ?=
 
 .PHONY: setup fixtures test demo serve bench workflows clean
 
@@ -25,7 +26,7 @@ serve: setup
 	@$(VPY) scripts/serve.py --port $(PORT)
 
 bench: fixtures
-	@$(VPY) scripts/bench.py
+	@$(VPY) scripts/bench.py $(BENCH_ARGS)
 
 workflows: fixtures
 	@$(VPY) scripts/make_workflows.py
