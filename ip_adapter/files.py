@@ -10,11 +10,11 @@ in the same folder and load through the same loader.
 from __future__ import annotations
 
 import os
-import weakref
 
 import comfy.utils
 import folder_paths
 
+from ..patching.model_files import LoadedOnce, register_models_folder
 from ..styleadapter.model import is_style_adapter, style_adapter_from_state_dict
 from .model import IPAdapter, IPAdapterFileError, ip_adapter_from_state_dict, split_state_dict
 
@@ -22,12 +22,7 @@ FOLDER = "ipadapter"
 
 
 def register_folder() -> None:
-    """Make models/ipadapter known to folder_paths (idempotent; keeps paths others added)."""
-    default = os.path.join(folder_paths.models_dir, FOLDER)
-    if FOLDER not in folder_paths.folder_names_and_paths:
-        folder_paths.folder_names_and_paths[FOLDER] = ([default], set(folder_paths.supported_pt_extensions))
-    elif default not in folder_paths.folder_names_and_paths[FOLDER][0]:
-        folder_paths.add_model_folder_path(FOLDER, default)
+    register_models_folder(FOLDER)
 
 
 register_folder()  # at import, as the pack loads: the folder is known before any node asks
@@ -50,21 +45,10 @@ def read_ip_adapter(path: str) -> IPAdapter:
     return ip_adapter_from_state_dict(split_state_dict(flat), name=os.path.basename(path))
 
 
-# Adapters alive somewhere (a node's cached output, a patched model), by file version: a second
-# loader naming the same file gets the same object, and nothing is kept once no graph holds it.
-_alive: "weakref.WeakValueDictionary[tuple[str, float], IPAdapter]" = weakref.WeakValueDictionary()
+_loaded = LoadedOnce(FOLDER, read_ip_adapter)
 
 
 def load_ip_adapter(filename: str) -> IPAdapter:
     """The adapter `filename` of models/ipadapter, read once per file version: two loader nodes
     naming one file share one set of weights."""
-    register_folder()
-    path = folder_paths.get_full_path(FOLDER, filename)
-    if path is None:
-        raise FileNotFoundError(f"{filename} is not in models/{FOLDER} ({', '.join(folder_paths.get_folder_paths(FOLDER))})")
-    key = (path, os.path.getmtime(path))
-    adapter = _alive.get(key)
-    if adapter is None:
-        adapter = read_ip_adapter(path)
-        _alive[key] = adapter
-    return adapter
+    return _loaded.load(filename)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import weakref
 
 import comfy.clip_vision
 import comfy.model_management
@@ -22,6 +21,7 @@ import comfy.utils
 import folder_paths
 import torch
 
+from ..patching.model_files import LoadedOnce, register_models_folder
 from .csd import CSDModel, ViTConfig
 
 FOLDER = "style_discriminators"
@@ -33,12 +33,7 @@ class StyleDiscriminatorFileError(ValueError):
 
 
 def register_folder() -> None:
-    """Make models/style_discriminators known to folder_paths (idempotent; keeps paths others added)."""
-    default = os.path.join(folder_paths.models_dir, FOLDER)
-    if FOLDER not in folder_paths.folder_names_and_paths:
-        folder_paths.folder_names_and_paths[FOLDER] = ([default], set(folder_paths.supported_pt_extensions))
-    elif default not in folder_paths.folder_names_and_paths[FOLDER][0]:
-        folder_paths.add_model_folder_path(FOLDER, default)
+    register_models_folder(FOLDER)
 
 
 register_folder()
@@ -141,18 +136,9 @@ def read_style_discriminator(path: str) -> StyleDiscriminator:
     return StyleDiscriminator(os.path.basename(path), config, sd)
 
 
-_alive: "weakref.WeakValueDictionary[tuple[str, float], StyleDiscriminator]" = weakref.WeakValueDictionary()
+_loaded = LoadedOnce(FOLDER, read_style_discriminator)
 
 
 def load_style_discriminator(filename: str) -> StyleDiscriminator:
     """The discriminator `filename` of models/style_discriminators, read once per file version."""
-    register_folder()
-    path = folder_paths.get_full_path(FOLDER, filename)
-    if path is None:
-        raise FileNotFoundError(f"{filename} is not in models/{FOLDER} ({', '.join(folder_paths.get_folder_paths(FOLDER))})")
-    key = (path, os.path.getmtime(path))
-    found = _alive.get(key)
-    if found is None:
-        found = read_style_discriminator(path)
-        _alive[key] = found
-    return found
+    return _loaded.load(filename)
