@@ -78,7 +78,11 @@ def _depths(api: dict) -> dict[str, int]:
     return depth
 
 
-def api_to_ui(api: dict, object_info: dict, note: str | None = None) -> dict:
+def api_to_ui(api: dict, object_info: dict, note: str | None = None,
+              models: dict[str, list[dict]] | None = None, workflow_models: list[dict] | None = None) -> dict:
+    """The UI twin of an API workflow. models: node id -> the frontend's model metadata of the files
+    that node loads (`properties.models`); workflow_models: files loaded without a loader widget
+    (the workflow's top-level `models`). The frontend's missing-models dialog lists both."""
     links, nodes = [], []
     outgoing: dict[tuple[int, int], list[int]] = defaultdict(list)
     incoming: dict[int, list[dict]] = {}
@@ -132,17 +136,22 @@ def api_to_ui(api: dict, object_info: dict, note: str | None = None) -> dict:
             "properties": {"Node name for S&R": node["class_type"]},
             "widgets_values": widgets_values,
         }
+        if models and models.get(node_id):
+            entry["properties"]["models"] = models[node_id]
         title = node.get("_meta", {}).get("title")
         if title and title != info.get("display_name"):
             entry["title"] = title
         column_y[column] += height + ROW_GAP
         nodes.append(entry)
 
-    return {
+    ui = {
         "last_node_id": max(n["id"] for n in nodes), "last_link_id": len(links),
         "nodes": nodes, "links": links, "groups": [], "config": {},
         "extra": {"ds": {"scale": 0.8, "offset": [60, 100]}}, "version": 0.4,
     }
+    if workflow_models:
+        ui["models"] = workflow_models
+    return ui
 
 
 def ui_to_api(ui: dict, object_info: dict) -> dict:
