@@ -8,7 +8,7 @@ Same patch mechanics as apply_ip_adapter: a clone, one attn2 replace per layer w
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import torch
@@ -124,3 +124,24 @@ def apply_ip_adapter_controlled(model_patcher, adapter: IPAdapter, embeds: Image
                             lambda previous, kv=kv, w=w, s=layer in swapped: ControlledIPAdapterPatch(
                                 previous, kv, w, window, mask, controls.embeds_scaling, s))
     return m
+
+
+def apply_ip_adapter_tiled(model_patcher, adapter: IPAdapter, clip_vision, image: torch.Tensor,
+                           settings: IPAdapterSettings, controls: IPAdapterControls, sharpening: float = 0.0,
+                           negative_image: torch.Tensor | None = None):
+    """One image prompt per tile of the reference (ip_adapter/tiling.py), each masked to where its tile
+    lies. Returns the patched clone, the tiles (IMAGE, K·N rows) and their masks (MASK [K·M, h, w])."""
+    from ..ip_adapter.encode import encode_images
+    from ..ip_adapter.tiling import tile_reference
+
+    tiles, masks, _ = tile_reference(image, clip_input_size(clip_vision), sharpening, settings.attn_mask)
+    m = model_patcher
+    for tile, tile_mask in zip(tiles, masks):
+        embeds = encode_images(clip_vision, tile, adapter.clip_input, negative_image, crop=False)
+        m = apply_ip_adapter_controlled(m, adapter, embeds, replace(settings, attn_mask=tile_mask), controls)
+    return m, torch.cat(tiles), masks.reshape(-1, *masks.shape[-2:])
+
+
+def clip_input_size(clip_vision) -> int:
+    """The side of the square a core CLIP_VISION model reads (224 for ViT-H and ViT-bigG)."""
+    return int(getattr(clip_vision, "image_size", 224))
