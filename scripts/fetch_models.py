@@ -1,6 +1,6 @@
 """`make models`: download the model files a workflow needs into a ComfyUI's model folders.
 
-Reads workflows/models.json (the table `make workflows` also writes into every UI workflow).
+Reads workflows/models/models.json (the table `make workflows` also writes into every UI workflow).
 A download goes to NAME.part beside its target and continues from there when run again (HTTP
 Range); the file is renamed into place only once complete and, where a sha256 is known (the
 table, or the hub's own X-Linked-Etag header for large files), verified first: a wrong file is
@@ -83,7 +83,7 @@ def _open(url: str, start: int = 0, method: str = "GET", timeout: float = 30.0):
                 "page on the hub, accept its licence, then set HF_TOKEN to an access token and run again") from None
         if err.code == 404:
             raise FetchError(f"{url} answered 404: the file is not there (renamed or removed upstream); "
-                             "fix its url in workflows/models.json") from None
+                             "fix its url in workflows/models/models.json") from None
         if err.code == 416:
             return None, linked.linked
         raise FetchError(f"{url} answered HTTP {err.code} {err.reason}; try again later") from None
@@ -173,7 +173,7 @@ def fetch(f: ModelFile, models_dir: Path, overwrite: bool = False, log=print) ->
             part.unlink()
             raise FetchError(f"{f.url} downloaded, but its sha256 is {actual}, not {expected}; the file was "
                              "removed. The hub's copy changed or the transfer was corrupted: run again, and if "
-                             "it repeats, check the url in workflows/models.json")
+                             "it repeats, check the url in workflows/models/models.json")
     if target.exists():  # --overwrite
         target.unlink()
     os.replace(part, target)

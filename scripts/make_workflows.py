@@ -19,7 +19,7 @@ def render(name: str, object_info: dict) -> str:
     note_path = WORKFLOWS / "notes" / f"{name}.md"
     note = note_path.read_text() if note_path.exists() else None
     api = load_api_workflow(name)
-    # Model metadata for the frontend's missing-models dialog, from workflows/models.json.
+    # Model metadata for the frontend's missing-models dialog, from workflows/models/models.json.
     models, implicit = frontend_models(load_table(), name, api)
     return json.dumps(api_to_ui(api, object_info, note, models, implicit), indent=2) + "\n"
 

@@ -1,4 +1,4 @@
-"""The model files each workflow loads, read from the one table workflows/models.json.
+"""The model files each workflow loads, read from the one table workflows/models/models.json.
 
 Standard library only: `make models` (scripts/fetch_models.py) runs it with any Python 3, before
 the pack's own environment exists. `make workflows` turns the same entries into the frontend's
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-TABLE = REPO / "workflows" / "models.json"
+TABLE = REPO / "workflows" / "models" / "models.json"
 API_DIR = REPO / "workflows" / "api"
 
 
@@ -46,7 +46,7 @@ class Table:
         try:
             return self.files[(directory, name)]
         except KeyError:
-            raise KeyError(f"workflows/models.json has no entry for models/{directory}/{name}; add its "
+            raise KeyError(f"workflows/models/models.json has no entry for models/{directory}/{name}; add its "
                            "official download address there") from None
 
 

@@ -102,7 +102,7 @@ def hub():
 
 def table(tmp_path: Path, hub: Hub, sha256: dict[str, str] | None = None) -> Path:
     """The real table with every url moved to the local hub (same names, folders and paths)."""
-    data = json.loads((REPO / "workflows" / "models.json").read_text())
+    data = json.loads((REPO / "workflows" / "models" / "models.json").read_text())
     for row in data["files"]:
         rel = f"{row['directory']}/{row['name']}"
         row["url"] = f"{hub.url}/{rel}"

@@ -1,5 +1,5 @@
 """Every loader node of every UI workflow carries the frontend's model metadata (properties.models),
-generated from the one table workflows/models.json."""
+generated from the one table workflows/models/models.json."""
 from __future__ import annotations
 
 import json
@@ -12,7 +12,7 @@ from stylekit.scripts.model_table import load_table, workflow_models
 REPO = Path(__file__).resolve().parents[2]
 WORKFLOWS = REPO / "workflows"
 
-# Written out from ComfyUI's nodes.py and our loaders, independently of workflows/models.json:
+# Written out from ComfyUI's nodes.py and our loaders, independently of workflows/models/models.json:
 # the file widget of each loader and the models folder its file list comes from.
 LOADER_FOLDERS = {
     ("CheckpointLoaderSimple", "ckpt_name"): "checkpoints",
