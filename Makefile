@@ -20,7 +20,7 @@ test: fixtures
 	@$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 demo: setup
-	@$(VPY) scripts/demo.py
+	@$(VPY) scripts/demo.py $(if $(filter command line environment,$(origin PORT)),--port $(PORT))
 
 serve: setup
 	@$(VPY) scripts/serve.py --port $(PORT)
