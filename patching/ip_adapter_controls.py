@@ -37,6 +37,7 @@ class IPAdapterControls:
     frame_weights: tuple[float, ...] | None = None  # one weight per latent (replaces the global weight)
     unfold_batch: bool = False                  # reference i for latent i (the last one repeats)
     incumbent_middle: bool = False              # leave the middle block out, as the incumbent does
+    stretch_mask: bool = False                  # fit the mask to any latent shape (tile masks)
 
 
 def fit_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
@@ -44,6 +45,17 @@ def fit_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
     if x.shape[0] >= rows:
         return x[:rows]
     return torch.cat([x, x[-1:].expand(rows - x.shape[0], *x.shape[1:])])
+
+
+class StretchedTokenMask(TokenMask):
+    """A tile's mask: laid over the whole latent whatever its proportions, as the incumbent lays its
+    tile masks (a reference of other proportions than the image is squeezed, not refused)."""
+
+    def check_fits(self, latent_hw: tuple[int, int], rows: int) -> None:
+        frames = self.mask.shape[0]
+        if frames not in (1, rows):
+            raise self.error(f"the mask has {frames} frames for a batch of {rows} latents; give one mask, "
+                             "or one per latent")
 
 
 class ControlledIPAdapterPatch(IPAdapterPatch):
@@ -112,7 +124,8 @@ def apply_ip_adapter_controlled(model_patcher, adapter: IPAdapter, embeds: Image
     weights, swapped = controlled_layer_weights(bm, settings, controls)
     tokens = unfolded_tokens(adapter, embeds) if controls.unfold_batch else image_tokens(adapter, embeds, settings.combine)
     window = percent_window(model_patcher, settings.start_percent, settings.end_percent)
-    mask = TokenMask(settings.attn_mask, settings.node) if settings.attn_mask is not None else None
+    mask_kind = StretchedTokenMask if controls.stretch_mask else TokenMask
+    mask = mask_kind(settings.attn_mask, settings.node) if settings.attn_mask is not None else None
     m = model_patcher.clone()
     for site in bm:
         for layer, key in zip(site.layers(), site.ip_adapter_keys):
@@ -138,7 +151,8 @@ def apply_ip_adapter_tiled(model_patcher, adapter: IPAdapter, clip_vision, image
     m = model_patcher
     for tile, tile_mask in zip(tiles, masks):
         embeds = encode_images(clip_vision, tile, adapter.clip_input, negative_image, crop=False)
-        m = apply_ip_adapter_controlled(m, adapter, embeds, replace(settings, attn_mask=tile_mask), controls)
+        m = apply_ip_adapter_controlled(m, adapter, embeds, replace(settings, attn_mask=tile_mask),
+                                        replace(controls, stretch_mask=True))
     return m, torch.cat(tiles), masks.reshape(-1, *masks.shape[-2:])
 
 
