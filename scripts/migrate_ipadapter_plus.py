@@ -233,8 +233,10 @@ class Converter:
 
 
 def guess_base(graph) -> str:
-    names = " ".join(str(v) for _, inputs in graph.values() for v in inputs.values() if isinstance(v, str))
-    return "sdxl" if re.search(r"xl", names, re.IGNORECASE) else "sd15"
+    """sdxl when a checkpoint or adapter file name says so (sd_xl_base_1.0, ...sdxl...), else sd15."""
+    files = [v for _, inputs in graph.values() for k, v in inputs.items()
+             if isinstance(v, str) and k in ("ckpt_name", "unet_name", "ipadapter_file")]
+    return "sdxl" if any(re.search(r"xl(?![a-z])", f, re.IGNORECASE) for f in files) else "sd15"
 
 
 # --- API format --------------------------------------------------------------------------------
@@ -308,6 +310,9 @@ def convert_ui(ui: dict, base: str | None = None) -> tuple[dict, list[str]]:
                 "widgets_values": [new.widgets[k] for k in spec["widgets"]]}
         if new.title or old is None:
             node["title"] = new.title or TITLES[new.class_type]
+        models = _model_metadata(new)
+        if models:
+            node["properties"]["models"] = models
         if old is None:  # an added loader: beside the first converted node
             node["pos"] = [-400, 200 + 120 * (int(nid) % 10)]
         # inputs: reuse the link ids that already fed this input; new ones for new wiring
@@ -351,6 +356,18 @@ def convert_ui(ui: dict, base: str | None = None) -> tuple[dict, list[str]]:
     ui["last_node_id"] = max(n["id"] for n in ui["nodes"])
     ui["last_link_id"] = max([l[0] for l in ui["links"]] + [0])
     return ui, plan.report
+
+
+def _model_metadata(new: NewNode) -> list[dict]:
+    """The frontend's download metadata of a converted loader, from workflows/models/models.json."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from model_table import load_table, node_models
+
+    try:
+        return [f.frontend_entry() for f in node_models(load_table(), {"class_type": new.class_type,
+                                                                         "inputs": new.widgets})]
+    except KeyError:  # a file the table does not list (e.g. a light or face adapter): no download offer
+        return []
 
 
 def _output_type(by_id, plan, origin) -> str:

@@ -167,3 +167,21 @@ def test_the_scripts_table_of_stylekit_nodes_matches_what_the_server_declares(ob
         assert spec["widgets"] == [n for n, kind, _ in specs if _is_widget(kind)], class_type
         assert spec["links"] == [n for n, kind, _ in specs if not _is_widget(kind)], class_type
         assert spec["outputs"] == object_info[class_type]["output"], class_type
+
+
+def test_the_model_family_is_read_from_file_names_not_prompts():
+    from stylekit.scripts.migrate_ipadapter_plus import guess_base
+
+    assert guess_base({"1": ("CheckpointLoaderSimple", {"ckpt_name": "juggernautXL_v9.safetensors"})}) == "sdxl"
+    assert guess_base({"1": ("CheckpointLoaderSimple", {"ckpt_name": "sd_xl_base_1.0.safetensors"})}) == "sdxl"
+    assert guess_base({"1": ("CheckpointLoaderSimple", {"ckpt_name": "v1-5-pruned-emaonly.safetensors"}),
+                       "2": ("CLIPTextEncode", {"text": "pixel art, excel sheet"})}) == "sd15"
+
+
+def test_converted_ui_loaders_carry_their_download_metadata(object_info):
+    ui, _ = convert(api_to_ui(incumbent_workflow("IPAdapter", "IPAdapterUnifiedLoader"),
+                              {**object_info, **incumbent_object_info()}))
+    loaders = {n["type"]: n["properties"].get("models") for n in ui["nodes"]
+               if n["type"] in ("StyleKitIPAdapterLoader", "CLIPVisionLoader")}
+    assert loaders["StyleKitIPAdapterLoader"][0]["name"] == "ip-adapter_sd15.safetensors"
+    assert loaders["CLIPVisionLoader"][0]["directory"] == "clip_vision"
