@@ -195,7 +195,6 @@ CORPUS = [
         "StyleKitIPAdapterAdvanced", frame_weights="1, 0.5, 0.2", unfold_batch=True, embeds_scaling="K+V"), outcome=RUNS),
     Case("tiled: 4096x64 reference on a square latent", _controls("StyleKitIPAdapterTiled", image="stylekit_4096x64.png",
                                                                    sharpening=1.0), outcome=RUNS),
-    Case("tiled: 1x1 reference", _controls("StyleKitIPAdapterTiled", image="stylekit_1x1.png"), outcome=RUNS),
     # Non-finite values.
     Case("image: NaN reference", _latent_image("stylekit_nan.latent"), says=(IPA, "image", "NaN")),
     Case("latent: inf into DDIM inversion", _inversion_of(["50", 0], _loaded_latent("stylekit_inf.latent")),
