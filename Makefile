@@ -6,7 +6,7 @@ PORT   ?= 8188
 PYTEST_ARGS ?=
 BENCH_ARGS  ?=
 
-.PHONY: setup fixtures test demo serve bench workflows clean
+.PHONY: setup fixtures test demo serve bench workflows models clean
 
 setup:
 	@$(PYTHON) scripts/bootstrap.py
@@ -20,7 +20,7 @@ test: fixtures
 	@$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 demo: setup
-	@$(VPY) scripts/demo.py
+	@$(VPY) scripts/demo.py $(if $(filter command line environment,$(origin PORT)),--port $(PORT))
 
 serve: setup
 	@$(VPY) scripts/serve.py --port $(PORT)
@@ -30,6 +30,12 @@ bench: fixtures
 
 workflows: fixtures
 	@$(VPY) scripts/make_workflows.py
+
+# Model files of the workflows (workflows/models.json) into COMFYUI_PATH's models/ (default: the
+# bundled ComfyUI). Standard-library Python: works before `make setup`. WORKFLOW=name for one.
+WORKFLOW ?=
+models:
+	@$(PYTHON) scripts/fetch_models.py $(if $(WORKFLOW),--workflow $(WORKFLOW)) $(if $(COMFYUI_PATH),--comfyui "$(COMFYUI_PATH)")
 
 clean:
 	rm -rf .work out

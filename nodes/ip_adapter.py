@@ -28,9 +28,9 @@ def node_error(node: str, input_name: str, err: Exception | str) -> ValueError:
     return ValueError(f"{node}: input '{input_name}': {err}")
 
 
-def _inject(node: str, model, ipadapter, embeds, settings: IPAdapterSettings):
+def _inject(node: str, model, ipadapter, embeds, settings: IPAdapterSettings, apply=apply_ip_adapter_embeds):
     try:
-        return apply_ip_adapter_embeds(model, ipadapter, embeds, settings)
+        return apply(model, ipadapter, embeds, settings)
     except AdapterMismatch as err:
         raise node_error(node, "ipadapter", err) from err
     except BlockWeightsError as err:

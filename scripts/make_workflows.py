@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sys
 
+from stylekit.scripts.model_table import frontend_models, load_table
 from stylekit.tests.support.server import ComfyServer
 from stylekit.tests.support.ui_format import api_to_ui
 from stylekit.tests.support.workflows import WORKFLOWS, api_workflow_names, load_api_workflow
@@ -17,7 +18,10 @@ from stylekit.tests.support.workflows import WORKFLOWS, api_workflow_names, load
 def render(name: str, object_info: dict) -> str:
     note_path = WORKFLOWS / "notes" / f"{name}.md"
     note = note_path.read_text() if note_path.exists() else None
-    return json.dumps(api_to_ui(load_api_workflow(name), object_info, note), indent=2) + "\n"
+    api = load_api_workflow(name)
+    # Model metadata for the frontend's missing-models dialog, from workflows/models/models.json.
+    models, implicit = frontend_models(load_table(), name, api)
+    return json.dumps(api_to_ui(api, object_info, note, models, implicit), indent=2) + "\n"
 
 
 def main(names: list[str]) -> int:

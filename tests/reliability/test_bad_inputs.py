@@ -30,6 +30,20 @@ def _ip(**kw):
     return lambda: p.with_ip_adapter(seed=1, **kw)
 
 
+def _controls(class_type: str, **kw):
+    """The IP-Adapter case on StyleKit IP-Adapter Advanced or Tiled, neutral controls unless given."""
+    controls = dict(weight_type="linear", weight_composition=1.0, embeds_scaling="V only", skip_middle_block=False)
+    controls.update({"unfold_batch": False, "frame_weights": ""} if class_type.endswith("Advanced") else {"sharpening": 0.0})
+    image = kw.pop("image", "stylekit_style.png")
+
+    def build():
+        prompt = p.with_ip_adapter(seed=1, image=image)
+        prompt["13"]["class_type"] = class_type
+        prompt["13"]["inputs"].update(controls, **kw)
+        return prompt
+    return build
+
+
 def _decoded_into(latent_file: str, build, node: str, input_name: str = "image"):
     """`build`'s prompt with a VAE-decoded latent file as `node`'s image input."""
     def inner():
@@ -175,6 +189,12 @@ CORPUS = [
     Case("image: 4096x64 reference, encoded uncropped", _uncropped("stylekit_4096x64.png"), outcome=RUNS),
     Case("image: 1x1 content into DDIM inversion", _inversion_of(["53", 0], _image_latent("stylekit_1x1.png")),
          says=("VAEEncode",)),
+    Case("advanced: frame weights that are not numbers", _controls("StyleKitIPAdapterAdvanced", frame_weights="1, x"),
+         says=("StyleKit IP-Adapter Advanced", "frame_weights")),
+    Case("advanced: more frame weights than latents, unfolded", _controls(
+        "StyleKitIPAdapterAdvanced", frame_weights="1, 0.5, 0.2", unfold_batch=True, embeds_scaling="K+V"), outcome=RUNS),
+    Case("tiled: 4096x64 reference on a square latent", _controls("StyleKitIPAdapterTiled", image="stylekit_4096x64.png",
+                                                                   sharpening=1.0), outcome=RUNS),
     # Non-finite values.
     Case("image: NaN reference", _latent_image("stylekit_nan.latent"), says=(IPA, "image", "NaN")),
     Case("latent: inf into DDIM inversion", _inversion_of(["50", 0], _loaded_latent("stylekit_inf.latent")),

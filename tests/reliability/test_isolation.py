@@ -24,6 +24,10 @@ PATCHED = {
     "StyleAdapter (shuffle, no class token, joint)": lambda plain: p.patched(
         plain, p.style_adapter_nodes(), ["16", 0]),
     "Style guidance (fast, TAESD, every step)": lambda plain: p.patched(plain, p.style_guidance_nodes(), ["92", 0]),
+    "IP-Adapter Tiled (ease in, K+V, sharpened)": lambda plain: p.patched(plain, {
+        **p.ip_adapter_nodes(), "13": {"class_type": "StyleKitIPAdapterTiled", "inputs": {
+            **p.ip_adapter_nodes()["13"]["inputs"], "weight_type": "ease in", "weight_composition": 1.0,
+            "embeds_scaling": "K+V", "skip_middle_block": False, "sharpening": 0.5}}}, ["13", 0]),
     "IP-Adapter then StyleAligned (stacked)": lambda plain: p.patched(
         plain, {**p.ip_adapter_nodes(), **p.style_aligned_nodes(model=["13", 0])}, ["20", 0]),
 }

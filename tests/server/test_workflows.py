@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from stylekit.scripts.model_table import frontend_models, load_table
 from stylekit.tests.support.ui_format import api_to_ui, ui_to_api
 from stylekit.tests.support.workflows import WORKFLOWS, api_workflow_names, load_api_workflow, run_order, tiny
 
@@ -36,6 +37,7 @@ def test_ui_twin_queues_exactly_the_api_workflow(object_info, name):
 @pytest.mark.parametrize("name", NAMES)
 def test_ui_twin_is_what_make_workflows_generates(object_info, name):
     note = (WORKFLOWS / "notes" / f"{name}.md").read_text()
-    expected = api_to_ui(load_api_workflow(name), object_info, note)
+    api = load_api_workflow(name)
+    expected = api_to_ui(api, object_info, note, *frontend_models(load_table(), name, api))
     actual = json.loads((WORKFLOWS / f"{name}.json").read_text())
     assert actual == expected, f"workflows/{name}.json is stale: run `make workflows`"

@@ -58,6 +58,9 @@ def free_port() -> int:
 
 def server_command(port: int, base_dir: Path | None = BASE_DIR, cpu: bool = True,
                    extra: tuple[str, ...] = ()) -> list[str]:
+    # Core keeps its database under <host>/user/ whatever the base directory; without that folder it
+    # logs "Failed to initialize database" at every start.
+    (host_path() / "user").mkdir(exist_ok=True)
     cmd = [str(VENV_PYTHON), str(host_path() / "main.py"), "--listen", "127.0.0.1", "--port", str(port),
            "--disable-api-nodes", "--disable-auto-launch"]
     if cpu:

@@ -24,6 +24,28 @@ WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 NOTE_TYPE = "MarkdownNote"
 COLUMN_WIDTH = 420
 ROW_GAP = 40
+NOTE_WIDTH = 380
+# The frontend's Markdown note fits about 72 characters on a 13 px line at this width; headings and
+# paragraph gaps add to it. Fitted to the text heights tests/frontend/test_layout_at_default_zoom.py
+# measured (300-431 px), with 10-40 % to spare, so every note's text ends inside its box.
+NOTE_CHARS_PER_LINE = 72
+NOTE_LINE_PX, NOTE_HEADING_PX, NOTE_PARAGRAPH_GAP_PX, NOTE_PADDING_PX = 13, 24, 8, 50
+IMAGE_PREVIEW_PX = 300   # the picture a Load Image node shows under its widgets once loaded
+
+
+def note_height(note: str) -> int:
+    """The height a Markdown note needs to show all of its text at the note's width."""
+    height = NOTE_PADDING_PX
+    for line in note.splitlines():
+        text = line.strip()
+        if not text:
+            height += NOTE_PARAGRAPH_GAP_PX
+        elif text.startswith("#"):
+            height += NOTE_HEADING_PX
+        else:
+            chars = len(text.replace("**", "").replace("`", ""))
+            height += NOTE_LINE_PX * max(1, -(-chars // NOTE_CHARS_PER_LINE))
+    return max(300, height)
 
 
 def _is_link(value) -> bool:
@@ -78,7 +100,11 @@ def _depths(api: dict) -> dict[str, int]:
     return depth
 
 
-def api_to_ui(api: dict, object_info: dict, note: str | None = None) -> dict:
+def api_to_ui(api: dict, object_info: dict, note: str | None = None,
+              models: dict[str, list[dict]] | None = None, workflow_models: list[dict] | None = None) -> dict:
+    """The UI twin of an API workflow. models: node id -> the frontend's model metadata of the files
+    that node loads (`properties.models`); workflow_models: files loaded without a loader widget
+    (the workflow's top-level `models`). The frontend's missing-models dialog lists both."""
     links, nodes = [], []
     outgoing: dict[tuple[int, int], list[int]] = defaultdict(list)
     incoming: dict[int, list[dict]] = {}
@@ -104,10 +130,11 @@ def api_to_ui(api: dict, object_info: dict, note: str | None = None) -> dict:
     depth = _depths(api)
     column_y: dict[int, float] = defaultdict(lambda: 80.0)
     if note:
-        nodes.append({"id": max(int(i) for i in api) + 1, "type": NOTE_TYPE, "pos": [40, 80], "size": [380, 300],
+        note_h = note_height(note)
+        nodes.append({"id": max(int(i) for i in api) + 1, "type": NOTE_TYPE, "pos": [40, 80], "size": [NOTE_WIDTH, note_h],
                       "flags": {}, "order": 0, "mode": 0, "inputs": [], "outputs": [],
                       "properties": {}, "widgets_values": [note], "color": "#432", "bgcolor": "#653"})
-        column_y[0] = 420.0
+        column_y[0] = 80.0 + note_h + 40
     order_of = {nid: i for i, nid in enumerate(sorted(api, key=lambda n: (depth[n], int(n))))}
     for node_id in sorted(api, key=int):
         node = api[node_id]
@@ -123,6 +150,8 @@ def api_to_ui(api: dict, object_info: dict, note: str | None = None) -> dict:
         outputs = [{"name": info["output_name"][i], "type": t, "links": outgoing.get((int(node_id), i), []),
                     "slot_index": i} for i, t in enumerate(info["output"])]
         height = 60 + 26 * len(widgets_values) + 22 * max(len(incoming[int(node_id)]), len(outputs))
+        if any(options.get("image_upload") for _, _, options in _input_specs(info)):
+            height += IMAGE_PREVIEW_PX
         column = depth[node_id]
         entry = {
             "id": int(node_id), "type": node["class_type"],
@@ -132,17 +161,22 @@ def api_to_ui(api: dict, object_info: dict, note: str | None = None) -> dict:
             "properties": {"Node name for S&R": node["class_type"]},
             "widgets_values": widgets_values,
         }
+        if models and models.get(node_id):
+            entry["properties"]["models"] = models[node_id]
         title = node.get("_meta", {}).get("title")
         if title and title != info.get("display_name"):
             entry["title"] = title
         column_y[column] += height + ROW_GAP
         nodes.append(entry)
 
-    return {
+    ui = {
         "last_node_id": max(n["id"] for n in nodes), "last_link_id": len(links),
         "nodes": nodes, "links": links, "groups": [], "config": {},
         "extra": {"ds": {"scale": 0.8, "offset": [60, 100]}}, "version": 0.4,
     }
+    if workflow_models:
+        ui["models"] = workflow_models
+    return ui
 
 
 def ui_to_api(ui: dict, object_info: dict) -> dict:
