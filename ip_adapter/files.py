@@ -14,8 +14,8 @@ import os
 import comfy.utils
 import folder_paths
 
-from ..patching.model_files import LoadedOnce, register_models_folder
-from ..styleadapter.model import is_style_adapter, style_adapter_from_state_dict
+from ..host.model_files import LoadedOnce, register_models_folder
+from .style_projection import is_style_adapter, style_adapter_from_state_dict
 from .model import IPAdapter, IPAdapterFileError, ip_adapter_from_state_dict, split_state_dict
 
 FOLDER = "ipadapter"

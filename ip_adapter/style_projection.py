@@ -37,7 +37,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..ip_adapter.model import PENULTIMATE, IPAdapter, IPAdapterFileError
+from .model import PENULTIMATE, IPAdapter, IPAdapterFileError
 
 KIND = "styleadapter"
 STYLE_EMB, STYLE_ADAPTER = "style_emb", "style_adapter"

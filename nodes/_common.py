@@ -4,7 +4,7 @@ from comfy_api.latest import io
 
 CATEGORY = "StyleKit"
 
-# The trajectory of an inversion (sampling.trajectory.InversionTrajectory): the inverted latent and
+# The trajectory of an inversion (host.trajectory.InversionTrajectory): the inverted latent and
 # x at every sigma of the schedule. Produced by StyleKit DDIM Inversion, consumed by the reference
 # samplers (and by any node that needs an inversion).
 Trajectory = io.Custom("STYLEKIT_TRAJECTORY")

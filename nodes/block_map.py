@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io, ui
 
-from ..patching.block_map import block_map
+from ..host.block_map import block_map
 from ._common import category
 
 

@@ -14,7 +14,7 @@ from comfy_api.latest import io
 from ..ip_adapter.encode import COMBINE, ClipVisionMismatch, CombineError, check_clip_vision, encode_images
 from ..ip_adapter.files import ip_adapter_files, load_ip_adapter
 from ..ip_adapter.model import IPAdapterFileError
-from ..patching.block_weights import ALL, CUSTOM, PRESETS, BlockWeightsError
+from ..host.block_weights import ALL, CUSTOM, PRESETS, BlockWeightsError
 from ..patching.ip_adapter import AdapterMismatch, IPAdapterSettings, apply_ip_adapter_embeds
 from ._common import category, check_images
 

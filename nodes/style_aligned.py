@@ -7,7 +7,7 @@ import math
 import comfy.samplers
 from comfy_api.latest import io
 
-from ..patching.layer_select import ALL, CUSTOM, UP_ONLY, resolve_blocks
+from ..host.layer_select import ALL, CUSTOM, UP_ONLY, resolve_blocks
 from ..patching.sharing import installed_sharing
 from ..patching.style_aligned import StyleAlignedSettings, install_style_aligned
 from ..sampling.reference import TrajectoryReference, sample_with_reference

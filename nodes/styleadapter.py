@@ -11,7 +11,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..ip_adapter.encode import COMBINE, ClipVisionMismatch, CombineError, check_clip_vision
-from ..patching.block_weights import CUSTOM, BlockWeightsError
+from ..host.block_weights import CUSTOM, BlockWeightsError
 from ..patching.ip_adapter import AdapterMismatch
 from ..styleadapter.decoupling import shuffle_patches
 from ..styleadapter.stages import ClassTokenError, StyleAdapterSettings, apply_style_adapter, remove_class_token

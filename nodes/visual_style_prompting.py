@@ -4,8 +4,8 @@ from __future__ import annotations
 import comfy.samplers
 from comfy_api.latest import io
 
-from ..patching.layer_select import ALL, CUSTOM, UP_ONLY, VSP_DEFAULT
-from ..patching.schedule import percent_window
+from ..host.layer_select import ALL, CUSTOM, UP_ONLY, VSP_DEFAULT
+from ..host.schedule import percent_window
 from ..patching.sharing import installed_sharing
 from ..patching.visual_style import VisualStyleSettings, install_visual_style_prompting
 from ..sampling.inversion import schedule

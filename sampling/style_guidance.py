@@ -29,8 +29,8 @@ import comfy.taesd.taesd
 import folder_paths
 import torch
 
-from ..patching.gradients import autograd_enabled, differentiable_copy, thaw_parameters_, thawed
-from ..patching.schedule import SigmaWindow, percent_window
+from ..host.gradients import autograd_enabled, differentiable_copy, thaw_parameters_, thawed
+from ..host.schedule import SigmaWindow, percent_window
 from ..style_discriminator.csd import preprocess
 from ..style_discriminator.files import StyleDiscriminator
 from .style_loss import guided_denoised, official_mix, style_loss

@@ -53,7 +53,7 @@ class StyleAdapterSettings:
     merge: str = "joint"                   # several references: ip_adapter.encode.COMBINE
     start_percent: float = 0.0
     end_percent: float = 1.0
-    blocks: str = "all blocks"             # a preset of patching.block_weights.PRESETS
+    blocks: str = "all blocks"             # a preset of host.block_weights.PRESETS
     block_weights: object = ""             # the custom spec when blocks is custom
     crop: bool = True                      # center crop before CLIP (as the reference processor)
 

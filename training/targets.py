@@ -18,7 +18,7 @@ import re
 import torch
 from comfy.ldm.modules.attention import SpatialTransformer
 
-from ..patching.block_map import AttentionSite, BlockMap, block_map
+from ..host.block_map import AttentionSite, BlockMap, block_map
 
 ALL_ATTENTION = "all attention"
 BLORA_CONTENT_STYLE = "B-LoRA content + style"

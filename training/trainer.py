@@ -25,7 +25,7 @@ import comfy.utils
 import torch
 from comfy.weight_adapter.lora import LoraDiff
 
-from ..patching.gradients import autograd_enabled, thaw_parameters_, thawed
+from ..host.gradients import autograd_enabled, thaw_parameters_, thawed
 from .objectives import Prediction, StepLoss, dreambooth_loss, noised, prediction_target, raw_prediction
 
 log = logging.getLogger("stylekit.training")

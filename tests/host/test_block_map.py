@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stylekit.patching.block_map import block_map
+from stylekit.host.block_map import block_map
 
 SD15_TABLE = [
     (("input", 1), "down_blocks.0.attentions.0", 1), (("input", 2), "down_blocks.0.attentions.1", 3),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stylekit.patching.gradients import autograd_enabled, differentiable_copy, thaw_parameters_, thawed
+from stylekit.host.gradients import autograd_enabled, differentiable_copy, thaw_parameters_, thawed
 
 
 def _frozen_net_made_in_inference_mode() -> torch.nn.Module:
