@@ -16,9 +16,11 @@ class StyleKitBlockMap(io.ComfyNode):
             category=category("inspect"),
             description=(
                 "Lists the model's attention blocks as StyleKit addresses them: ComfyUI block id, "
-                "transformer index, diffusers name, channels, heads, depth and the IP-Adapter key "
-                "numbers of the official files. Use it to pick blocks for per-block weights."),
-            inputs=[io.Model.Input("model", tooltip="An SD1.x, SD2.x or SDXL-family model.")],
+                "transformer index, diffusers name, channels, heads, depth and the adapter key "
+                "numbers of the official files; for Flux and SD3/3.5 also the block-replace key and "
+                "which stream comes first in the joint attention. Use it to pick blocks for "
+                "per-block weights and block lists."),
+            inputs=[io.Model.Input("model", tooltip="An SD1.x, SD2.x, SDXL, Flux.1 or SD3/3.5 model.")],
             outputs=[io.String.Output(display_name="table")],
             is_output_node=True,
         )
