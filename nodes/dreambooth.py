@@ -137,8 +137,10 @@ class StyleKitDreamBoothTrain(io.ComfyNode):
                                tooltip="Which attention blocks get LoRAs: all, B-LoRA's SDXL content/style "
                                        "blocks, or the blocks named in block_list."),
                 io.String.Input("block_list", default="",
-                                tooltip="For 'block list': ComfyUI ids ('output 1') or diffusers names "
-                                        "('up_blocks.0.attentions.1'), comma separated. See StyleKit Block Map."),
+                                tooltip="For 'block list': ComfyUI ids or ranges ('output 1', 'output 3-5'; 'output' = "
+                                        "every output block) or diffusers names and prefixes "
+                                        "('up_blocks.0.attentions.1', 'up_blocks.1', 'mid_block'), comma "
+                                        "separated. See StyleKit Block Map."),
                 _seed_input(),
                 _lora_name_input("StyleKit/dreambooth_sks_dog"),
                 io.Image.Input("prior_images", optional=True,

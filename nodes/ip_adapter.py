@@ -73,7 +73,9 @@ def injection_inputs() -> list:
         io.String.Input("block_weights", multiline=True, default="",
                         tooltip=f"With blocks = '{CUSTOM}': a weight per block, e.g. {{\"output 1\": 1.0}} or "
                                 "diffusers' {\"up\": {\"block_0\": [0.0, 1.0, 0.0]}}; a list per block gives one "
-                                "value per transformer layer. Unnamed blocks get 0."),
+                                "value per transformer layer. Unnamed blocks get 0. Keys are block names as in "
+                                "every StyleKit node ('output 3-5', 'output' = every output block, 'up_blocks.1'); "
+                                "a plain list 'output 1, input 8' gives them weight 1."),
         io.Combo.Input("combine", options=list(COMBINE), default="concat",
                        tooltip="Several reference images: concat their tokens (each image counts), average their "
                                "CLIP features into one reference, or joint: one token set read from all references' "

@@ -24,8 +24,9 @@ def _blocks_inputs(default: str, presets: list[str]) -> list:
                        tooltip="Which self-attention layers share: every layer (the paper), the decoder "
                                "only, or the blocks listed in custom_blocks."),
         io.String.Input("custom_blocks", default="", multiline=False,
-                        tooltip="With blocks = custom: ComfyUI ids or diffusers names, comma separated, "
-                                "e.g. 'output 3, output 4, middle 0' or 'up_blocks.1, mid_block'. "
+                        tooltip="With blocks = custom: ComfyUI ids or ranges, or diffusers names and prefixes, "
+                                "comma separated, e.g. 'output 3-4, middle 0', 'output' (every output "
+                                "block) or 'up_blocks.1, mid_block'. "
                                 "StyleKit Block Map lists them."),
     ]
 
