@@ -4,7 +4,7 @@ from __future__ import annotations
 from comfy_api.latest import io, ui
 
 from ..host.block_map import block_map
-from ._common import category
+from ._common import DISPLAY_NAMES, category, node_error
 
 
 class StyleKitBlockMap(io.ComfyNode):
@@ -12,7 +12,7 @@ class StyleKitBlockMap(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="StyleKitBlockMap",
-            display_name="StyleKit Block Map",
+            display_name=DISPLAY_NAMES["StyleKitBlockMap"],
             category=category("inspect"),
             description=(
                 "Lists the model's attention blocks as StyleKit addresses them: ComfyUI block id, "
@@ -30,7 +30,7 @@ class StyleKitBlockMap(io.ComfyNode):
         try:
             table = block_map(model).describe()
         except TypeError as err:
-            raise ValueError(f"StyleKit Block Map: input 'model': {err}") from err
+            raise node_error(DISPLAY_NAMES["StyleKitBlockMap"], "model", err) from err
         return io.NodeOutput(table, ui=ui.PreviewText(table))
 
 
