@@ -14,7 +14,7 @@ Modes:
   evaluated again with autograd on (cond and uncond, with every patch and ControlNet of the
   call) and CFG is re-applied. Costs a forward and a backward pass of the UNet per guided step.
 
-Gradients run in one place (patching/gradients.py); `torch.autograd.grad` frees each step's
+Gradients run in one place (host/gradients.py); `torch.autograd.grad` frees each step's
 graph, so nothing outlives a step. The decoder is a frozen fp32 copy (the official code decodes
 in fp32 "to avoid nan"): the VAE given (its encoder left out), or core's TAESD approximate
 decoder from models/vae_approx.

@@ -5,7 +5,7 @@ the two-path cross-attention through patching.ip_adapter (no second patch):
     ImageEmbeds --image_tokens(combine)--> ImageTokens --apply_ip_adapter--> MODEL clone
 
 Works with every adapter the pack loads: IP-Adapter base (shuffle, concat / average only), plus
-and full-face (all three strategies), StyleAdapter checkpoints (styleadapter/model.py).
+and full-face (all three strategies), StyleAdapter checkpoints (ip_adapter/style_projection.py).
 """
 from __future__ import annotations
 

@@ -130,7 +130,7 @@ class _Loop:
 
     def __call__(self, guider, model_options: dict) -> None:
         model = guider.inner_model
-        thaw_parameters_(model)  # the loaded weights are inference tensors (patching/gradients.py)
+        thaw_parameters_(model)  # the loaded weights are inference tensors (host/gradients.py)
         sampling = model.model_sampling
         kind = prediction_type(guider.model_patcher)
         device = guider.model_patcher.load_device

@@ -1,4 +1,4 @@
-"""patching/gradients.py: backprop through modules and tensors made inside inference mode, as every
+"""host/gradients.py: backprop through modules and tensors made inside inference mode, as every
 ComfyUI prompt makes them (DESIGN §0). Pure torch: the module imports no comfy."""
 from __future__ import annotations
 
