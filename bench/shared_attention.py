@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from stylekit.patching.layer_select import ALL, VSP_DEFAULT, resolve_blocks
+from stylekit.host.layer_select import ALL, VSP_DEFAULT, resolve_blocks
 from stylekit.patching.style_aligned import StyleAlignedSettings, install_style_aligned
 from stylekit.patching.visual_style import VisualStyleSettings, install_visual_style_prompting
 

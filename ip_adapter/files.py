@@ -4,7 +4,7 @@
 incumbent IP-Adapter pack does, so users' existing folders (and extra_model_paths.yaml entries)
 keep working; both packs can be installed side by side. `.safetensors` files hold flat
 `image_proj.*` / `ip_adapter.*` keys, `.bin` files a torch dict {"image_proj": ..., "ip_adapter": ...}.
-StyleAdapter checkpoints in the layout styleadapter/model.py documents (`style_emb.*` keys) live
+StyleAdapter checkpoints in the layout ip_adapter/style_projection.py documents (one more projection kind of the engine) (`style_emb.*` keys) live
 in the same folder and load through the same loader.
 """
 from __future__ import annotations
@@ -14,8 +14,8 @@ import os
 import comfy.utils
 import folder_paths
 
-from ..patching.model_files import LoadedOnce, register_models_folder
-from ..styleadapter.model import is_style_adapter, style_adapter_from_state_dict
+from ..host.model_files import LoadedOnce, register_models_folder
+from .style_projection import is_style_adapter, style_adapter_from_state_dict
 from .model import IPAdapter, IPAdapterFileError, ip_adapter_from_state_dict, split_state_dict
 
 FOLDER = "ipadapter"

@@ -4,10 +4,44 @@ from comfy_api.latest import io
 
 CATEGORY = "StyleKit"
 
-# The trajectory of an inversion (sampling.trajectory.InversionTrajectory): the inverted latent and
+# The one place for display names (node id -> the name users see, and that every node error
+# starts with). Node modules read their names from here.
+DISPLAY_NAMES = {
+    "StyleKitBlockMap": "StyleKit Block Map",
+    "StyleKitClassImages": "StyleKit DreamBooth Class Images",
+    "StyleKitDreamBoothTrain": "StyleKit DreamBooth LoRA Train",
+    "StyleKitBLoRATrain": "StyleKit B-LoRA Train",
+    "StyleKitLoadBLoRA": "StyleKit Load B-LoRA",
+    "StyleKitApplyBLoRA": "StyleKit Apply B-LoRA",
+    "StyleKitInstantStyleContentSubtraction": "StyleKit InstantStyle Content Subtraction",
+    "StyleKitDDIMInversion": "StyleKit DDIM Inversion",
+    "StyleKitIPAdapterLoader": "StyleKit IP-Adapter Loader",
+    "StyleKitIPAdapterEncode": "StyleKit IP-Adapter Encode",
+    "StyleKitIPAdapterApplyEmbeds": "StyleKit IP-Adapter Apply Embeds",
+    "StyleKitIPAdapter": "StyleKit IP-Adapter",
+    "StyleKitPromptBatch": "StyleKit Prompt Batch",
+    "StyleKitStyleAligned": "StyleKit StyleAligned",
+    "StyleKitStyleAlignedReferenceSampler": "StyleKit StyleAligned Reference Sampler",
+    "StyleKitStyleDiscriminatorLoader": "StyleKit Style Discriminator Loader",
+    "StyleKitStyleSimilarity": "StyleKit Style Similarity",
+    "StyleKitStyleGuidance": "StyleKit Style Guidance",
+    "StyleKitStyleGuidanceGuider": "StyleKit Style Guidance Guider",
+    "StyleKitPatchShuffle": "StyleKit Patch Shuffle",
+    "StyleKitRemoveClassToken": "StyleKit Remove Class Token",
+    "StyleKitStyleAdapter": "StyleKit StyleAdapter",
+    "StyleKitVisualStylePrompting": "StyleKit Visual Style Prompting",
+    "StyleKitVisualStylePromptingReferenceSampler": "StyleKit Visual Style Prompting Reference Sampler",
+}
+
+# The trajectory of an inversion (host.trajectory.InversionTrajectory): the inverted latent and
 # x at every sigma of the schedule. Produced by StyleKit DDIM Inversion, consumed by the reference
 # samplers (and by any node that needs an inversion).
 Trajectory = io.Custom("STYLEKIT_TRAJECTORY")
+
+
+def node_error(node: str, input_name: str, err: Exception | str) -> ValueError:
+    """The pack's one error form: "<Node display name>: input '<input>': <what is wrong>; <the fix>"."""
+    return ValueError(f"{node}: input '{input_name}': {err}")
 
 
 def category(sub: str) -> str:
@@ -41,7 +75,7 @@ def _check_batch(node: str, input_name: str, tensor, what: str, fix: str) -> Non
     if tensor is None:
         return
     if tensor.shape[0] == 0:
-        raise ValueError(f"{node}: input '{input_name}': the {what} batch is empty; {fix}")
+        raise node_error(node, input_name, f"the {what} batch is empty; {fix}")
     if not torch.isfinite(tensor).all():
-        raise ValueError(f"{node}: input '{input_name}': the {what} holds NaN or inf values; check the node that "
+        raise node_error(node, input_name, f"the {what} holds NaN or inf values; check the node that "
                          "made it (a diverged sampler or a broken file)")

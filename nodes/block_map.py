@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from comfy_api.latest import io, ui
 
-from ..patching.block_map import block_map
-from ._common import category
+from ..host.block_map import block_map
+from ._common import DISPLAY_NAMES, category, node_error
 
 
 class StyleKitBlockMap(io.ComfyNode):
@@ -12,13 +12,15 @@ class StyleKitBlockMap(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="StyleKitBlockMap",
-            display_name="StyleKit Block Map",
+            display_name=DISPLAY_NAMES["StyleKitBlockMap"],
             category=category("inspect"),
             description=(
                 "Lists the model's attention blocks as StyleKit addresses them: ComfyUI block id, "
-                "transformer index, diffusers name, channels, heads, depth and the IP-Adapter key "
-                "numbers of the official files. Use it to pick blocks for per-block weights."),
-            inputs=[io.Model.Input("model", tooltip="An SD1.x, SD2.x or SDXL-family model.")],
+                "transformer index, diffusers name, channels, heads, depth and the adapter key "
+                "numbers of the official files; for Flux and SD3/3.5 also the block-replace key and "
+                "which stream comes first in the joint attention. Use it to pick blocks for "
+                "per-block weights and block lists."),
+            inputs=[io.Model.Input("model", tooltip="An SD1.x, SD2.x, SDXL, Flux.1 or SD3/3.5 model.")],
             outputs=[io.String.Output(display_name="table")],
             is_output_node=True,
         )
@@ -28,7 +30,7 @@ class StyleKitBlockMap(io.ComfyNode):
         try:
             table = block_map(model).describe()
         except TypeError as err:
-            raise ValueError(f"StyleKit Block Map: input 'model': {err}") from err
+            raise node_error(DISPLAY_NAMES["StyleKitBlockMap"], "model", err) from err
         return io.NodeOutput(table, ui=ui.PreviewText(table))
 
 

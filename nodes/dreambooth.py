@@ -12,7 +12,7 @@ from ..training.errors import InputError
 from ..training.lora_file import load_lora_file, normalized_lora_name
 from ..training.targets import ALL_ATTENTION, BLOCK_LIST, BLORA_CONTENT_STYLE, PRESETS
 from ..training.trainer import TrainSettings
-from ._common import category, check_images
+from ._common import DISPLAY_NAMES, category, check_images, node_error
 
 CATEGORY = category("training")
 LoraModel = io.Custom("LORA_MODEL")  # core's type for LoRA weights in the graph (nodes_train.py)
@@ -20,7 +20,7 @@ LoraModel = io.Custom("LORA_MODEL")  # core's type for LoRA weights in the graph
 
 def _text(name: str, value: str, node: str) -> str:
     if not value.strip():
-        raise ValueError(f"{node}: input '{name}' is empty; enter a word")
+        raise node_error(node, name, "it is empty; enter a word")
     return value.strip()
 
 
@@ -28,14 +28,14 @@ def _lora_name(value: str, node: str) -> str:
     try:
         return normalized_lora_name(value)
     except ValueError as err:
-        raise ValueError(f"{node}: input 'lora_name': {err}") from None
+        raise node_error(node, "lora_name", err) from None
 
 
 def _train(node: str, job: TrainingJob, model, clip, vae, images, prior_images=None) -> io.NodeOutput:
     try:
         outcome = run_training(job, model, clip, vae, images, prior_images)
     except InputError as err:
-        raise ValueError(f"{node}: input '{err.input}': {err}") from None
+        raise node_error(node, err.input, err) from None
     last = outcome.losses[-1]
     summary = (f"saved models/loras/{normalized_lora_name(job.lora_name)} ({len(outcome.lora) // 3} LoRA layers)\n"
                f"last step: subject loss {last.subject:.4f}" + (f", prior loss {last.prior:.4f}" if last.prior_weight else ""))
@@ -60,7 +60,7 @@ def _training_outputs() -> list:
 
 
 class StyleKitClassImages(io.ComfyNode):
-    DISPLAY = "StyleKit DreamBooth Class Images"
+    DISPLAY = DISPLAY_NAMES["StyleKitClassImages"]
 
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -102,7 +102,7 @@ class StyleKitClassImages(io.ComfyNode):
 
 
 class StyleKitDreamBoothTrain(io.ComfyNode):
-    DISPLAY = "StyleKit DreamBooth LoRA Train"
+    DISPLAY = DISPLAY_NAMES["StyleKitDreamBoothTrain"]
 
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -137,8 +137,10 @@ class StyleKitDreamBoothTrain(io.ComfyNode):
                                tooltip="Which attention blocks get LoRAs: all, B-LoRA's SDXL content/style "
                                        "blocks, or the blocks named in block_list."),
                 io.String.Input("block_list", default="",
-                                tooltip="For 'block list': ComfyUI ids ('output 1') or diffusers names "
-                                        "('up_blocks.0.attentions.1'), comma separated. See StyleKit Block Map."),
+                                tooltip="For 'block list': ComfyUI ids or ranges ('output 1', 'output 3-5'; 'output' = "
+                                        "every output block) or diffusers names and prefixes "
+                                        "('up_blocks.0.attentions.1', 'up_blocks.1', 'mid_block'), comma "
+                                        "separated. See StyleKit Block Map."),
                 _seed_input(),
                 _lora_name_input("StyleKit/dreambooth_sks_dog"),
                 io.Image.Input("prior_images", optional=True,
@@ -157,10 +159,10 @@ class StyleKitDreamBoothTrain(io.ComfyNode):
         check_images(cls.DISPLAY, "images", images)
         check_images(cls.DISPLAY, "prior_images", prior_images)
         if prior_weight > 0 and prior_images is None:
-            raise ValueError(f"{cls.DISPLAY}: input 'prior_images': prior_weight {prior_weight} needs class images; "
+            raise node_error(cls.DISPLAY, "prior_images", f"prior_weight {prior_weight} needs class images; "
                              "connect StyleKit DreamBooth Class Images, or set prior_weight to 0")
         if target_blocks == BLOCK_LIST and not block_list.strip():
-            raise ValueError(f"{cls.DISPLAY}: input 'block_list': empty while target_blocks is 'block list'; "
+            raise node_error(cls.DISPLAY, "block_list", "empty while target_blocks is 'block list'; "
                              "name blocks such as 'output 1', or pick another preset")
         job = TrainingJob("DreamBooth", f"a {token} {noun}", f"a {noun}", target_blocks, block_list, lora_name,
                           TrainSettings(steps, learning_rate, rank, prior_weight, seed))
@@ -168,7 +170,7 @@ class StyleKitDreamBoothTrain(io.ComfyNode):
 
 
 class StyleKitBLoRATrain(io.ComfyNode):
-    DISPLAY = "StyleKit B-LoRA Train"
+    DISPLAY = DISPLAY_NAMES["StyleKitBLoRATrain"]
 
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -207,7 +209,7 @@ class StyleKitBLoRATrain(io.ComfyNode):
 
 
 class StyleKitLoadBLoRA(io.ComfyNode):
-    DISPLAY = "StyleKit Load B-LoRA"
+    DISPLAY = DISPLAY_NAMES["StyleKitLoadBLoRA"]
 
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -226,14 +228,14 @@ class StyleKitLoadBLoRA(io.ComfyNode):
         try:
             lora, _ = load_lora_file(lora_name)
         except Exception as err:  # safetensors raises several types for a damaged or foreign file
-            raise ValueError(f"{cls.DISPLAY}: input 'lora_name': {lora_name} could not be read as a LoRA "
+            raise node_error(cls.DISPLAY, "lora_name", f"{lora_name} could not be read as a LoRA "
                              f"file ({err}); choose a .safetensors LoRA (a B-LoRA from StyleKit B-LoRA Train, "
                              "or an official one)") from None
         return io.NodeOutput(lora)
 
 
 class StyleKitApplyBLoRA(io.ComfyNode):
-    DISPLAY = "StyleKit Apply B-LoRA"
+    DISPLAY = DISPLAY_NAMES["StyleKitApplyBLoRA"]
 
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -261,7 +263,7 @@ class StyleKitApplyBLoRA(io.ComfyNode):
         try:
             patched = apply_blora(model, lora, content_strength, style_strength)
         except InputError as err:
-            raise ValueError(f"{cls.DISPLAY}: input '{err.input}': {err}") from None
+            raise node_error(cls.DISPLAY, err.input, err) from None
         return io.NodeOutput(patched)
 
 

@@ -6,8 +6,8 @@ from comfy_api.latest import io
 
 from ..ip_adapter.content import (ContentSubtractionError, check_subtractable, check_text_matches,
                                   pooled_text_embeds, subtract_content)
-from ._common import category
-from .ip_adapter import ImageEmbedsType, node_error
+from ._common import DISPLAY_NAMES, category, node_error
+from .ip_adapter import ImageEmbedsType
 
 
 class StyleKitInstantStyleContentSubtraction(io.ComfyNode):
@@ -15,7 +15,7 @@ class StyleKitInstantStyleContentSubtraction(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="StyleKitInstantStyleContentSubtraction",
-            display_name="StyleKit InstantStyle Content Subtraction",
+            display_name=DISPLAY_NAMES["StyleKitInstantStyleContentSubtraction"],
             category=category("IP-Adapter"),
             description=("InstantStyle: subtracts the CLIP text embedding of the reference's content (e.g. 'a house') "
                          "from its CLIP image embedding, so the adapter passes on the style and less of the subject. "
@@ -34,7 +34,7 @@ class StyleKitInstantStyleContentSubtraction(io.ComfyNode):
 
     @classmethod
     def execute(cls, embeds, content, strength) -> io.NodeOutput:
-        node = "StyleKit InstantStyle Content Subtraction"
+        node = DISPLAY_NAMES["StyleKitInstantStyleContentSubtraction"]
         try:
             check_subtractable(embeds)
         except ContentSubtractionError as err:

@@ -5,9 +5,9 @@ import comfy.samplers
 from comfy_api.latest import io
 
 from ..sampling.inversion import invert, schedule
-from ._common import Trajectory, category, check_latent
+from ._common import DISPLAY_NAMES, Trajectory, category, check_latent, node_error
 
-NAME = "StyleKit DDIM Inversion"
+NAME = DISPLAY_NAMES["StyleKitDDIMInversion"]
 
 
 class StyleKitDDIMInversion(io.ComfyNode):
@@ -53,7 +53,7 @@ class StyleKitDDIMInversion(io.ComfyNode):
                                 schedule(model, scheduler, steps), cfg=cfg,
                                 fixed_point_iterations=fixed_point_iterations)
         except ValueError as err:
-            raise ValueError(f"{NAME}: input 'model': {err}") from err
+            raise node_error(NAME, "model", err) from err
         return io.NodeOutput({"samples": trajectory.inverted.clone()}, trajectory)
 
 

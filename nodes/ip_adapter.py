@@ -14,18 +14,14 @@ from comfy_api.latest import io
 from ..ip_adapter.encode import COMBINE, ClipVisionMismatch, CombineError, check_clip_vision, encode_images
 from ..ip_adapter.files import ip_adapter_files, load_ip_adapter
 from ..ip_adapter.model import IPAdapterFileError
-from ..patching.block_weights import ALL, CUSTOM, PRESETS, BlockWeightsError
+from ..host.block_weights import ALL, CUSTOM, PRESETS, BlockWeightsError
 from ..patching.ip_adapter import AdapterMismatch, IPAdapterSettings, apply_ip_adapter_embeds
-from ._common import category, check_images
+from ._common import DISPLAY_NAMES, category, check_images, node_error
 
 IPAdapterType = io.Custom("STYLEKIT_IPADAPTER")
 ImageEmbedsType = io.Custom("STYLEKIT_IMAGE_EMBEDS")
 
 CATEGORY = category("IP-Adapter")
-
-def node_error(node: str, input_name: str, err: Exception | str) -> ValueError:
-    """The pack's error form: the node, the input, then what is wrong and the fix."""
-    return ValueError(f"{node}: input '{input_name}': {err}")
 
 
 def _inject(node: str, model, ipadapter, embeds, settings: IPAdapterSettings, apply=apply_ip_adapter_embeds):
@@ -73,7 +69,9 @@ def injection_inputs() -> list:
         io.String.Input("block_weights", multiline=True, default="",
                         tooltip=f"With blocks = '{CUSTOM}': a weight per block, e.g. {{\"output 1\": 1.0}} or "
                                 "diffusers' {\"up\": {\"block_0\": [0.0, 1.0, 0.0]}}; a list per block gives one "
-                                "value per transformer layer. Unnamed blocks get 0."),
+                                "value per transformer layer. Unnamed blocks get 0. Keys are block names as in "
+                                "every StyleKit node ('output 3-5', 'output' = every output block, 'up_blocks.1'); "
+                                "a plain list 'output 1, input 8' gives them weight 1."),
         io.Combo.Input("combine", options=list(COMBINE), default="concat",
                        tooltip="Several reference images: concat their tokens (each image counts), average their "
                                "CLIP features into one reference, or joint: one token set read from all references' "
@@ -86,7 +84,7 @@ class StyleKitIPAdapterLoader(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="StyleKitIPAdapterLoader",
-            display_name="StyleKit IP-Adapter Loader",
+            display_name=DISPLAY_NAMES["StyleKitIPAdapterLoader"],
             category=CATEGORY,
             description=("Loads an official IP-Adapter file from models/ipadapter (.safetensors or .bin), or a "
                          "StyleAdapter checkpoint in the layout the README documents. The type (base, plus, full-face, "
@@ -102,7 +100,7 @@ class StyleKitIPAdapterLoader(io.ComfyNode):
         try:
             return io.NodeOutput(load_ip_adapter(ipadapter_file))
         except (IPAdapterFileError, FileNotFoundError) as err:
-            raise node_error("StyleKit IP-Adapter Loader", "ipadapter_file",
+            raise node_error(DISPLAY_NAMES["StyleKitIPAdapterLoader"], "ipadapter_file",
                              f"{ipadapter_file} is not a usable IP-Adapter: {err}; choose an official IP-Adapter "
                              "file (image_proj.* and ip_adapter.* weights)") from err
 
@@ -112,7 +110,7 @@ class StyleKitIPAdapterEncode(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="StyleKitIPAdapterEncode",
-            display_name="StyleKit IP-Adapter Encode",
+            display_name=DISPLAY_NAMES["StyleKitIPAdapterEncode"],
             category=CATEGORY,
             description=("Encodes reference images with CLIP vision into the features this adapter reads (image "
                          "embeds for base adapters, penultimate hidden states for plus / full-face), with their "
@@ -134,9 +132,9 @@ class StyleKitIPAdapterEncode(io.ComfyNode):
 
     @classmethod
     def execute(cls, ipadapter, clip_vision, image, crop, negative_image=None) -> io.NodeOutput:
-        check_images("StyleKit IP-Adapter Encode", "image", image)
-        check_images("StyleKit IP-Adapter Encode", "negative_image", negative_image)
-        node = "StyleKit IP-Adapter Encode"
+        check_images(DISPLAY_NAMES["StyleKitIPAdapterEncode"], "image", image)
+        check_images(DISPLAY_NAMES["StyleKitIPAdapterEncode"], "negative_image", negative_image)
+        node = DISPLAY_NAMES["StyleKitIPAdapterEncode"]
         try:
             check_clip_vision(ipadapter, clip_vision)
         except ClipVisionMismatch as err:
@@ -153,7 +151,7 @@ class StyleKitIPAdapterApplyEmbeds(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="StyleKitIPAdapterApplyEmbeds",
-            display_name="StyleKit IP-Adapter Apply Embeds",
+            display_name=DISPLAY_NAMES["StyleKitIPAdapterApplyEmbeds"],
             category=CATEGORY,
             description=("Injects encoded reference images into the model's cross-attention (decoupled "
                          "cross-attention: text attention + weight x image attention) in the chosen blocks. Works on "
@@ -168,7 +166,7 @@ class StyleKitIPAdapterApplyEmbeds(io.ComfyNode):
     @classmethod
     def execute(cls, model, ipadapter, embeds, weight, start_percent, end_percent, blocks, block_weights, combine,
                 attn_mask=None) -> io.NodeOutput:
-        node = "StyleKit IP-Adapter Apply Embeds"
+        node = DISPLAY_NAMES["StyleKitIPAdapterApplyEmbeds"]
         settings = settings_from_inputs(node, weight, start_percent, end_percent, blocks, block_weights, combine,
                                         attn_mask)
         return io.NodeOutput(_inject(node, model, ipadapter, embeds, settings))
@@ -179,7 +177,7 @@ class StyleKitIPAdapter(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="StyleKitIPAdapter",
-            display_name="StyleKit IP-Adapter",
+            display_name=DISPLAY_NAMES["StyleKitIPAdapter"],
             category=CATEGORY,
             description=("Image prompt in one node: encodes the reference image(s) with CLIP vision and injects them "
                          "into the chosen cross-attention blocks (IP-Adapter; with the InstantStyle presets, only the "
@@ -198,7 +196,7 @@ class StyleKitIPAdapter(io.ComfyNode):
     @classmethod
     def execute(cls, model, ipadapter, clip_vision, image, weight, start_percent, end_percent, blocks, block_weights,
                 combine, negative_image=None, attn_mask=None) -> io.NodeOutput:
-        node = "StyleKit IP-Adapter"
+        node = DISPLAY_NAMES["StyleKitIPAdapter"]
         check_images(node, "image", image)
         check_images(node, "negative_image", negative_image)
         settings = settings_from_inputs(node, weight, start_percent, end_percent, blocks, block_weights, combine,

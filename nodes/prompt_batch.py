@@ -4,9 +4,9 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..sampling.conditioning import encode_lines
-from ._common import category
+from ._common import DISPLAY_NAMES, category
 
-NAME = "StyleKit Prompt Batch"
+NAME = DISPLAY_NAMES["StyleKitPromptBatch"]
 
 
 class StyleKitPromptBatch(io.ComfyNode):

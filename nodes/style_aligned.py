@@ -7,14 +7,14 @@ import math
 import comfy.samplers
 from comfy_api.latest import io
 
-from ..patching.layer_select import ALL, CUSTOM, UP_ONLY, resolve_blocks
+from ..host.layer_select import ALL, CUSTOM, UP_ONLY, resolve_blocks
 from ..patching.sharing import installed_sharing
 from ..patching.style_aligned import StyleAlignedSettings, install_style_aligned
 from ..sampling.reference import TrajectoryReference, sample_with_reference
-from ._common import Trajectory, category, check_latent, percent_inputs
+from ._common import DISPLAY_NAMES, Trajectory, category, check_latent, node_error, percent_inputs
 
-NAME = "StyleKit StyleAligned"
-SAMPLER_NAME = "StyleKit StyleAligned Reference Sampler"
+NAME = DISPLAY_NAMES["StyleKitStyleAligned"]
+SAMPLER_NAME = DISPLAY_NAMES["StyleKitStyleAlignedReferenceSampler"]
 LN2 = round(math.log(2), 4)
 
 
@@ -24,8 +24,9 @@ def _blocks_inputs(default: str, presets: list[str]) -> list:
                        tooltip="Which self-attention layers share: every layer (the paper), the decoder "
                                "only, or the blocks listed in custom_blocks."),
         io.String.Input("custom_blocks", default="", multiline=False,
-                        tooltip="With blocks = custom: ComfyUI ids or diffusers names, comma separated, "
-                                "e.g. 'output 3, output 4, middle 0' or 'up_blocks.1, mid_block'. "
+                        tooltip="With blocks = custom: ComfyUI ids or ranges, or diffusers names and prefixes, "
+                                "comma separated, e.g. 'output 3-4, middle 0', 'output' (every output "
+                                "block) or 'up_blocks.1, mid_block'. "
                                 "StyleKit Block Map lists them."),
     ]
 
@@ -54,7 +55,7 @@ def _resolve(node: str, model, preset: str, custom: str) -> tuple:
     try:
         return resolve_blocks(model, preset, custom)
     except (ValueError, TypeError) as err:
-        raise ValueError(f"{node}: input '{'custom_blocks' if preset == CUSTOM else 'model'}': {err}") from err
+        raise node_error(node, "custom_blocks" if preset == CUSTOM else "model", err) from err
 
 
 class StyleKitStyleAligned(io.ComfyNode):
@@ -91,7 +92,7 @@ class StyleKitStyleAligned(io.ComfyNode):
     def execute(cls, model, share_group_norm, adain_queries, adain_keys, adain_values, shared_score_scale,
                 shared_score_shift, blocks, custom_blocks, only_self_level, start_percent, end_percent) -> io.NodeOutput:
         if start_percent > end_percent:
-            raise ValueError(f"{NAME}: input 'start_percent': {start_percent} is after end_percent {end_percent}; "
+            raise node_error(NAME, "start_percent", f"{start_percent} is after end_percent {end_percent}; "
                              "make start_percent <= end_percent")
         settings = StyleAlignedSettings(
             blocks=_resolve(NAME, model, blocks, custom_blocks), adain_queries=adain_queries,
@@ -101,7 +102,7 @@ class StyleKitStyleAligned(io.ComfyNode):
         try:
             return io.NodeOutput(install_style_aligned(model, settings))
         except ValueError as err:
-            raise ValueError(f"{NAME}: input 'shared_score_shift': {err}") from err
+            raise node_error(NAME, "shared_score_shift", err) from err
 
 
 class StyleKitStyleAlignedReferenceSampler(io.ComfyNode):
@@ -150,7 +151,7 @@ class StyleKitStyleAlignedReferenceSampler(io.ComfyNode):
         check_latent(SAMPLER_NAME, "latent_image", latent_image)
         already = installed_sharing(model)
         if already:
-            raise ValueError(f"{SAMPLER_NAME}: input 'model': the model already has {already[0]} applied; "
+            raise node_error(SAMPLER_NAME, "model", f"the model already has {already[0]} applied; "
                              "connect the plain model, this sampler applies StyleAligned itself")
         if reference_step_offset >= trajectory.steps:
             # A short inversion (few steps) with the official offset: pin for all but the last step.
@@ -163,7 +164,7 @@ class StyleKitStyleAlignedReferenceSampler(io.ComfyNode):
         try:
             source = TrajectoryReference(trajectory, reference_step_offset)
         except ValueError as err:
-            raise ValueError(f"{SAMPLER_NAME}: input 'trajectory': {err}") from err
+            raise node_error(SAMPLER_NAME, "trajectory", err) from err
         try:
             out = sample_with_reference(install_style_aligned(model, settings), source, positive, negative,
                                         reference_positive, latent_image["samples"], trajectory.sigmas, seed, cfg,

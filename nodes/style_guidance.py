@@ -12,19 +12,16 @@ from ..sampling.style_guidance import (DECODERS, FAST, MODES, TAESD_DECODER, Sty
                                        StyleGuidanceSettings, apply_style_guidance, style_guidance_guider)
 from ..style_discriminator.files import (StyleDiscriminatorFileError, load_style_discriminator,
                                          style_discriminator_files)
-from ._common import category, check_images, percent_inputs
+from ._common import DISPLAY_NAMES, category, check_images, node_error, percent_inputs
 
 StyleDiscriminatorType = io.Custom("STYLEKIT_STYLE_DISCRIMINATOR")
 CATEGORY = category("style guidance")
 
-LOADER = "StyleKit Style Discriminator Loader"
-SIMILARITY = "StyleKit Style Similarity"
-GUIDANCE = "StyleKit Style Guidance"
-GUIDER = "StyleKit Style Guidance Guider"
+LOADER = DISPLAY_NAMES["StyleKitStyleDiscriminatorLoader"]
+SIMILARITY = DISPLAY_NAMES["StyleKitStyleSimilarity"]
+GUIDANCE = DISPLAY_NAMES["StyleKitStyleGuidance"]
+GUIDER = DISPLAY_NAMES["StyleKitStyleGuidanceGuider"]
 
-
-def node_error(node: str, input_name: str, err: Exception | str) -> ValueError:
-    return ValueError(f"{node}: input '{input_name}': {err}")
 
 
 class StyleKitStyleDiscriminatorLoader(io.ComfyNode):

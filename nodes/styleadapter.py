@@ -11,12 +11,12 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..ip_adapter.encode import COMBINE, ClipVisionMismatch, CombineError, check_clip_vision
-from ..patching.block_weights import CUSTOM, BlockWeightsError
+from ..host.block_weights import CUSTOM, BlockWeightsError
 from ..patching.ip_adapter import AdapterMismatch
 from ..styleadapter.decoupling import shuffle_patches
 from ..styleadapter.stages import ClassTokenError, StyleAdapterSettings, apply_style_adapter, remove_class_token
-from ._common import category, check_images
-from .ip_adapter import ImageEmbedsType, IPAdapterType, injection_inputs, node_error, settings_from_inputs
+from ._common import DISPLAY_NAMES, category, check_images, node_error
+from .ip_adapter import ImageEmbedsType, IPAdapterType, injection_inputs, settings_from_inputs
 
 CATEGORY = category("StyleAdapter")
 MAX_GRID = 64
@@ -38,7 +38,7 @@ class StyleKitPatchShuffle(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="StyleKitPatchShuffle",
-            display_name="StyleKit Patch Shuffle",
+            display_name=DISPLAY_NAMES["StyleKitPatchShuffle"],
             category=CATEGORY,
             description=("StyleAdapter decoupling: cuts each image into a grid of equal cells and permutes them, so "
                          "an image prompt keeps the reference's colours and textures but not its layout or subject. "
@@ -54,7 +54,7 @@ class StyleKitPatchShuffle(io.ComfyNode):
         try:
             return io.NodeOutput(shuffle_patches(image, grid, seed))
         except ValueError as err:
-            raise node_error("StyleKit Patch Shuffle", "grid", err) from err
+            raise node_error(DISPLAY_NAMES["StyleKitPatchShuffle"], "grid", err) from err
 
 
 class StyleKitRemoveClassToken(io.ComfyNode):
@@ -62,7 +62,7 @@ class StyleKitRemoveClassToken(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="StyleKitRemoveClassToken",
-            display_name="StyleKit Remove Class Token",
+            display_name=DISPLAY_NAMES["StyleKitRemoveClassToken"],
             category=CATEGORY,
             description=("StyleAdapter decoupling: drops the CLIP class token (the one that summarises what the "
                          "picture shows) from encoded references and keeps the 256 patch tokens, for the cond and the "
@@ -77,7 +77,7 @@ class StyleKitRemoveClassToken(io.ComfyNode):
         try:
             return io.NodeOutput(remove_class_token(embeds))
         except ClassTokenError as err:
-            raise node_error("StyleKit Remove Class Token", "embeds", err) from err
+            raise node_error(DISPLAY_NAMES["StyleKitRemoveClassToken"], "embeds", err) from err
 
 
 def _shared_inputs() -> list:
@@ -90,7 +90,7 @@ class StyleKitStyleAdapter(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="StyleKitStyleAdapter",
-            display_name="StyleKit StyleAdapter",
+            display_name=DISPLAY_NAMES["StyleKitStyleAdapter"],
             category=CATEGORY,
             description=("StyleAdapter: two-path cross-attention, F = Attn(Q, K_text, V_text) + style_scale x "
                          "Attn(Q, K_style, V_style), with the style tokens of one or more references stripped of "
@@ -123,7 +123,7 @@ class StyleKitStyleAdapter(io.ComfyNode):
     @classmethod
     def execute(cls, model, ipadapter, clip_vision, image, style_scale, shuffle_grid, shuffle_seed,
                 remove_class_token, merge, start_percent, end_percent, blocks, block_weights) -> io.NodeOutput:
-        node = "StyleKit StyleAdapter"
+        node = DISPLAY_NAMES["StyleKitStyleAdapter"]
         check_images(node, "image", image)
         if merge not in COMBINE:
             raise node_error(node, "merge", f"choose one of {', '.join(COMBINE)}")

@@ -4,17 +4,17 @@ from __future__ import annotations
 import comfy.samplers
 from comfy_api.latest import io
 
-from ..patching.layer_select import ALL, CUSTOM, UP_ONLY, VSP_DEFAULT
-from ..patching.schedule import percent_window
+from ..host.layer_select import ALL, CUSTOM, UP_ONLY, VSP_DEFAULT
+from ..host.schedule import percent_window
 from ..patching.sharing import installed_sharing
 from ..patching.visual_style import VisualStyleSettings, install_visual_style_prompting
 from ..sampling.inversion import schedule
 from ..sampling.reference import NoisedReference, TrajectoryReference, sample_with_reference
-from ._common import Trajectory, category, check_latent, percent_inputs
+from ._common import DISPLAY_NAMES, Trajectory, category, check_latent, node_error, percent_inputs
 from .style_aligned import _blocks_inputs, _resolve
 
-NAME = "StyleKit Visual Style Prompting"
-SAMPLER_NAME = "StyleKit Visual Style Prompting Reference Sampler"
+NAME = DISPLAY_NAMES["StyleKitVisualStylePrompting"]
+SAMPLER_NAME = DISPLAY_NAMES["StyleKitVisualStylePromptingReferenceSampler"]
 PRESETS = [VSP_DEFAULT, UP_ONLY, ALL, CUSTOM]
 
 
@@ -50,7 +50,7 @@ class StyleKitVisualStylePrompting(io.ComfyNode):
     def execute(cls, model, blocks, custom_blocks, start_percent, end_percent, first_steps_cfg,
                 first_steps) -> io.NodeOutput:
         if start_percent > end_percent:
-            raise ValueError(f"{NAME}: input 'start_percent': {start_percent} is after end_percent {end_percent}; "
+            raise node_error(NAME, "start_percent", f"{start_percent} is after end_percent {end_percent}; "
                              "make start_percent <= end_percent")
         settings = VisualStyleSettings(blocks=_resolve(NAME, model, blocks, custom_blocks),
                                        start_percent=start_percent, end_percent=end_percent,
@@ -115,13 +115,13 @@ class StyleKitVisualStylePromptingReferenceSampler(io.ComfyNode):
         check_latent(SAMPLER_NAME, "reference_latent", reference_latent)
         already = installed_sharing(model)
         if already:
-            raise ValueError(f"{SAMPLER_NAME}: input 'model': the model already has {already[0]} applied; "
+            raise node_error(SAMPLER_NAME, "model", f"the model already has {already[0]} applied; "
                              "connect the plain model, this sampler applies the swap itself")
         if (reference_latent is None) == (trajectory is None):
-            raise ValueError(f"{SAMPLER_NAME}: input 'reference_latent': connect exactly one reference, either "
+            raise node_error(SAMPLER_NAME, "reference_latent", "connect exactly one reference, either "
                              "reference_latent (a VAE-encoded image) or trajectory (its inversion)")
         if calibration_start_percent > calibration_end_percent:
-            raise ValueError(f"{SAMPLER_NAME}: input 'calibration_start_percent': it is after "
+            raise node_error(SAMPLER_NAME, "calibration_start_percent", "it is after "
                              "calibration_end_percent; make start <= end")
         try:
             if trajectory is not None:
@@ -130,7 +130,7 @@ class StyleKitVisualStylePromptingReferenceSampler(io.ComfyNode):
                 source, sigmas = NoisedReference(reference_latent["samples"], seed), schedule(model, scheduler, steps)
         except ValueError as err:
             which = "trajectory" if trajectory is not None else "reference_latent"
-            raise ValueError(f"{SAMPLER_NAME}: input '{which}': {err}") from err
+            raise node_error(SAMPLER_NAME, which, err) from err
         settings = VisualStyleSettings(blocks=_resolve(SAMPLER_NAME, model, blocks, custom_blocks))
         window = percent_window(model, calibration_start_percent, calibration_end_percent) if color_calibration else None
         try:

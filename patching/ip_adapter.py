@@ -21,10 +21,10 @@ from ..attention.masks import mask_to_tokens, token_grid
 from ..ip_adapter.encode import ImageEmbeds, ImageTokens, image_tokens
 from ..ip_adapter.model import IPAdapter
 from .attention_replace import ReplacePatch, install_replace
-from .batch import chunks
-from .block_map import BlockMap, LayerId, block_map
-from .block_weights import block_weights_for
-from .schedule import SigmaWindow, current_sigma, percent_window
+from ..host.batch import chunks
+from ..host.block_map import BlockMap, LayerId, block_map
+from ..host.block_weights import block_weights_for
+from ..host.schedule import SigmaWindow, current_sigma, percent_window
 
 
 class AdapterMismatch(ValueError):
@@ -36,7 +36,7 @@ class IPAdapterSettings:
     weight: float = 1.0
     start_percent: float = 0.0
     end_percent: float = 1.0
-    blocks: str = "all blocks"            # a preset of patching.block_weights.PRESETS
+    blocks: str = "all blocks"            # a preset of host.block_weights.PRESETS
     block_weights: object = ""            # the custom spec (text or dict) when blocks is custom
     combine: str = "concat"               # several references: "concat" tokens or "average" features
     attn_mask: torch.Tensor | None = None  # [M, H, W] in [0, 1]; M = 1 or one per latent image

@@ -20,8 +20,8 @@ import copy
 import comfy.patcher_extension
 import torch
 
-from .reference_rows import has_targets, reference_rows
-from .schedule import SigmaWindow, current_sigma
+from ..host.reference_rows import has_targets, reference_rows
+from ..host.schedule import SigmaWindow, current_sigma
 
 WRAPPER_KEY = "stylekit_shared_group_norm"
 

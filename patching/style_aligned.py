@@ -6,10 +6,10 @@ from dataclasses import dataclass
 
 from ..attention.shared import shared_attention
 from .attention_replace import ReplacePatch, install_replace, installed_replace
-from .block_map import BlockId, LayerId, block_map
-from .layer_select import layers_of, unshared_by_level
-from .reference_rows import has_targets, reference_rows
-from .schedule import SigmaWindow, current_sigma, percent_window
+from ..host.block_map import BlockId, LayerId, block_map
+from ..host.layer_select import layers_of, unshared_by_level
+from ..host.reference_rows import has_targets, reference_rows
+from ..host.schedule import SigmaWindow, current_sigma, percent_window
 from .shared_norm import install_shared_group_norm
 
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..attention.shared import swapped_attention
-from ..sampling.trajectory import step_position
+from ..host.trajectory import step_position
 from .attention_replace import ReplacePatch, install_replace
-from .block_map import BlockId, block_map
-from .layer_select import layers_of
-from .reference_rows import has_targets, reference_rows
-from .schedule import SigmaWindow, current_sigma, percent_window
+from ..host.block_map import BlockId, block_map
+from ..host.layer_select import layers_of
+from ..host.reference_rows import has_targets, reference_rows
+from ..host.schedule import SigmaWindow, current_sigma, percent_window
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Sampling-level glue: deterministic inversion, its trajectory, and samplers that replay a reference row.
+"""Sampling-level glue: deterministic inversion and samplers that replay a reference row.
 
-Imports comfy (never comfy_api), like patching/; trajectory.py is pure torch.
+Imports comfy (never comfy_api), like patching/. The trajectory type is host/trajectory.py (pure torch).
 """

@@ -20,7 +20,7 @@ import comfy.samplers
 import comfy.utils
 import torch
 
-from .trajectory import InversionTrajectory
+from ..host.trajectory import InversionTrajectory
 
 
 @torch.no_grad()

@@ -19,9 +19,9 @@ import latent_preview
 import torch
 
 from ..attention.adain import match_channel_stats
-from ..patching.schedule import SigmaWindow
+from ..host.schedule import SigmaWindow
 from .conditioning import with_reference_row
-from .trajectory import InversionTrajectory, reference_latent, step_position
+from ..host.trajectory import InversionTrajectory, reference_latent, step_position
 
 ReferenceAt = Callable[[float], torch.Tensor]
 

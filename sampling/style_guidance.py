@@ -14,7 +14,7 @@ Modes:
   evaluated again with autograd on (cond and uncond, with every patch and ControlNet of the
   call) and CFG is re-applied. Costs a forward and a backward pass of the UNet per guided step.
 
-Gradients run in one place (patching/gradients.py); `torch.autograd.grad` frees each step's
+Gradients run in one place (host/gradients.py); `torch.autograd.grad` frees each step's
 graph, so nothing outlives a step. The decoder is a frozen fp32 copy (the official code decodes
 in fp32 "to avoid nan"): the VAE given (its encoder left out), or core's TAESD approximate
 decoder from models/vae_approx.
@@ -29,8 +29,8 @@ import comfy.taesd.taesd
 import folder_paths
 import torch
 
-from ..patching.gradients import autograd_enabled, differentiable_copy, thaw_parameters_, thawed
-from ..patching.schedule import SigmaWindow, percent_window
+from ..host.gradients import autograd_enabled, differentiable_copy, thaw_parameters_, thawed
+from ..host.schedule import SigmaWindow, percent_window
 from ..style_discriminator.csd import preprocess
 from ..style_discriminator.files import StyleDiscriminator
 from .style_loss import guided_denoised, official_mix, style_loss

@@ -21,7 +21,7 @@ import comfy.utils
 import folder_paths
 import torch
 
-from ..patching.model_files import LoadedOnce, register_models_folder
+from ..host.model_files import LoadedOnce, register_models_folder
 from .csd import CSDModel, ViTConfig
 
 FOLDER = "style_discriminators"

@@ -5,7 +5,7 @@ the two-path cross-attention through patching.ip_adapter (no second patch):
     ImageEmbeds --image_tokens(combine)--> ImageTokens --apply_ip_adapter--> MODEL clone
 
 Works with every adapter the pack loads: IP-Adapter base (shuffle, concat / average only), plus
-and full-face (all three strategies), StyleAdapter checkpoints (styleadapter/model.py).
+and full-face (all three strategies), StyleAdapter checkpoints (ip_adapter/style_projection.py).
 """
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ class StyleAdapterSettings:
     merge: str = "joint"                   # several references: ip_adapter.encode.COMBINE
     start_percent: float = 0.0
     end_percent: float = 1.0
-    blocks: str = "all blocks"             # a preset of patching.block_weights.PRESETS
+    blocks: str = "all blocks"             # a preset of host.block_weights.PRESETS
     block_weights: object = ""             # the custom spec when blocks is custom
     crop: bool = True                      # center crop before CLIP (as the reference processor)
 

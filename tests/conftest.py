@@ -40,12 +40,12 @@ def pytest_collection_modifyitems(config, items):
 def server():
     from stylekit.tests.fixtures import ensure_all
     from stylekit.tests.support.host import init_comfy, release_models
-    from stylekit.tests.support.server import ComfyServer
+    from stylekit.tests.support.server import ComfyServer, extra_node_args
 
     init_comfy()  # the fixture builders use comfy's own classes
     ensure_all()
     release_models()  # models the host layer loaded in this process
-    with ComfyServer() as running:
+    with ComfyServer(extra_args=extra_node_args()) as running:
         yield running
     assert not running.alive()
 

@@ -6,8 +6,9 @@ addressed through the block map (DESIGN §2), never by a hard-coded table:
   - "all attention": every transformer of the UNet;
   - B-LoRA (Frenkel et al. 2024): content = SDXL up_blocks.0.attentions.0 (ComfyUI output 0),
     style = up_blocks.0.attentions.1 (output 1);
-  - a block list: ComfyUI ids as the block map prints them ("output 1", "input 8") or diffusers
-    names ("up_blocks.0.attentions.1"), separated by commas or new lines.
+  - a block list in the one block grammar (host/blocks.py): ComfyUI ids and ranges ("output 1",
+    "input 7-8"), diffusers names and prefixes ("up_blocks.0.attentions.1", "up_blocks.1",
+    "mid_block"), separated by commas or new lines.
 Weights are named as in the BaseModel's state dict ("diffusion_model.output_blocks.0.1.
 transformer_blocks.0.attn1.to_q.weight"), the keys of ModelPatcher patches and weight wrappers.
 """
@@ -18,7 +19,8 @@ import re
 import torch
 from comfy.ldm.modules.attention import SpatialTransformer
 
-from ..patching.block_map import AttentionSite, BlockMap, block_map
+from ..host.block_map import AttentionSite, BlockMap, block_map
+from ..host.blocks import parse_block_list
 
 ALL_ATTENTION = "all attention"
 BLORA_CONTENT_STYLE = "B-LoRA content + style"
@@ -32,32 +34,11 @@ BLORA_CONTENT_BLOCK = "up_blocks.0.attentions.0"
 BLORA_STYLE_BLOCK = "up_blocks.0.attentions.1"
 
 PROJECTION = re.compile(r"transformer_blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$")
-_COMFY_ID = re.compile(r"^(input|middle|output)[\s_]*(\d+)$")
 
 
 def _unet(model) -> torch.nn.Module:
     base = getattr(model, "model", model)
     return getattr(base, "diffusion_model", base)
-
-
-def parse_block_list(text: str, blocks: BlockMap) -> list[AttentionSite]:
-    """Sites named in `text`; raises ValueError naming the first unknown item and what exists."""
-    sites: list[AttentionSite] = []
-    for item in (part.strip() for part in re.split(r"[,\n]", text)):
-        if not item:
-            continue
-        match = _COMFY_ID.match(item.lower())
-        try:
-            site = (blocks.site((match[1], int(match[2]))) if match
-                    else blocks.by_diffusers_name(item.removeprefix("unet.")))
-        except KeyError:
-            known = ", ".join(f"{s.block[0]} {s.block[1]} ({s.diffusers_name})" for s in blocks)
-            raise ValueError(f"no attention block {item!r} in this model; it has: {known}") from None
-        if site not in sites:
-            sites.append(site)
-    if not sites:
-        raise ValueError("the block list is empty; name blocks such as 'output 1' or 'up_blocks.0.attentions.1'")
-    return sites
 
 
 def _by_name(blocks: BlockMap, name: str, preset: str) -> AttentionSite:
@@ -80,7 +61,7 @@ def select_sites(model, preset: str, block_list: str = "") -> list[AttentionSite
     if preset == BLORA_STYLE:
         return [_by_name(blocks, BLORA_STYLE_BLOCK, preset)]
     if preset == BLOCK_LIST:
-        return parse_block_list(block_list, blocks)
+        return parse_block_list(blocks, block_list)
     raise ValueError(f"unknown target preset {preset!r}; expected one of {PRESETS}")
 
 

@@ -25,7 +25,7 @@ import comfy.utils
 import torch
 from comfy.weight_adapter.lora import LoraDiff
 
-from ..patching.gradients import autograd_enabled, thaw_parameters_, thawed
+from ..host.gradients import autograd_enabled, thaw_parameters_, thawed
 from .objectives import Prediction, StepLoss, dreambooth_loss, noised, prediction_target, raw_prediction
 
 log = logging.getLogger("stylekit.training")
@@ -130,7 +130,7 @@ class _Loop:
 
     def __call__(self, guider, model_options: dict) -> None:
         model = guider.inner_model
-        thaw_parameters_(model)  # the loaded weights are inference tensors (patching/gradients.py)
+        thaw_parameters_(model)  # the loaded weights are inference tensors (host/gradients.py)
         sampling = model.model_sampling
         kind = prediction_type(guider.model_patcher)
         device = guider.model_patcher.load_device

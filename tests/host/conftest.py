@@ -6,8 +6,8 @@ from dataclasses import dataclass
 import pytest
 
 from stylekit.tests.fixtures import ensure_all
-from stylekit.tests.fixtures.registry import SD15_CHECKPOINT, SDXL_CHECKPOINT
-from stylekit.tests.support.host import init_comfy, load_checkpoint
+from stylekit.tests.fixtures.registry import FLUX_DEV, SD15_CHECKPOINT, SD35, SDXL_CHECKPOINT
+from stylekit.tests.support.host import init_comfy, load_checkpoint, load_diffusion_model
 
 # Before pytest imports any test module: the glue imports comfy at module level, and comfy reads
 # its CPU flag and base directory when first imported.
@@ -37,6 +37,18 @@ def sd15(comfy_host) -> Checkpoint:
 @pytest.fixture
 def sdxl(comfy_host) -> Checkpoint:
     return Checkpoint(*load_checkpoint(SDXL_CHECKPOINT.filename))
+
+
+@pytest.fixture
+def flux_dev(comfy_host):
+    """The Flux.1 dev fixture (hidden 3072, 1 double + 1 single block) as UNETLoader loads it."""
+    return load_diffusion_model(FLUX_DEV.filename)
+
+
+@pytest.fixture
+def sd35(comfy_host):
+    """The SD3.5 fixture (depth 2, RMS QK-norm) as UNETLoader loads it."""
+    return load_diffusion_model(SD35.filename)
 
 
 @pytest.fixture(params=["sd15", "sdxl"])

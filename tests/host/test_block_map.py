@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stylekit.patching.block_map import block_map
+from stylekit.host.block_map import block_map
 
 SD15_TABLE = [
     (("input", 1), "down_blocks.0.attentions.0", 1), (("input", 2), "down_blocks.0.attentions.1", 3),
@@ -52,36 +52,9 @@ def test_lookup_by_either_name_and_a_clear_error_for_unknown_blocks(sdxl):
         bm.site(("middle", 1))
 
 
-def test_every_mapped_layer_is_hit_by_attn1_and_attn2_patches_in_one_forward_pass(checkpoint):
-    """Patches registered from the map land where ComfyUI calls them, middle block included."""
-    import comfy.model_management
-    from comfy.ldm.modules.attention import optimized_attention
-
-    bm = block_map(checkpoint.model)
-    hits: dict[str, set] = {"attn1": set(), "attn2": set()}
-
-    def recorder(kind):
-        def patch(q, k, v, extra_options):
-            block = extra_options["block"]
-            hits[kind].add((block[0], block[1], extra_options["block_index"]))
-            return optimized_attention(q, k, v, extra_options["n_heads"])
-        return patch
-
-    m = checkpoint.model.clone()
-    for name, number, index in bm.layers():
-        m.set_model_attn1_replace(recorder("attn1"), name, number, index)
-        m.set_model_attn2_replace(recorder("attn2"), name, number, index)
-    comfy.model_management.load_model_gpu(m)
-    x = torch.randn(1, 4, 8, 8)
-    context = torch.randn(1, 77, bm.sites[0].context_dim)
-    extra = {}
-    if m.model.adm_channels:
-        extra["y"] = torch.randn(1, m.model.adm_channels)
-    m.model.diffusion_model(x, torch.tensor([500.0]), context=context,
-                            transformer_options=m.model_options["transformer_options"], **extra)
-    assert hits["attn1"] == set(bm.layers()) and hits["attn2"] == set(bm.layers())
+# Every site, UNet or DiT, is hit exactly once by a probe: tests/host/test_dit_block_map.py.
 
 
 def test_a_model_without_unet_blocks_is_refused_with_a_clear_message():
-    with pytest.raises(TypeError, match="not a UNet with input/middle/output blocks"):
+    with pytest.raises(TypeError, match="not a UNet with input/middle/output blocks nor a Flux"):
         block_map(torch.nn.Linear(2, 2))

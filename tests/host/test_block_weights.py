@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from stylekit.patching.block_map import block_map
-from stylekit.patching.block_weights import (ALL, CUSTOM, LAYOUT, STYLE, STYLE_LAYOUT, BlockWeightsError,
+from stylekit.host.block_map import block_map
+from stylekit.host.block_weights import (ALL, CUSTOM, LAYOUT, STYLE, STYLE_LAYOUT, BlockWeightsError,
                                              block_weights_for, parse_spec, resolve_block_weights)
 from stylekit.tests.support.diffusers_unet import diffusers_twin
 

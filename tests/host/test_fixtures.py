@@ -42,3 +42,26 @@ def test_sampling_the_fixtures_is_finite_and_deterministic(checkpoint):
     first, second = sample(), sample()
     assert torch.isfinite(first).all() and first.abs().sum() > 0
     assert torch.equal(first, second)
+
+
+def test_dit_fixtures_are_detected_as_flux_dev_and_sd35_with_rms_qk_norm(flux_dev, sd35):
+    flux_config = flux_dev.model.model_config
+    assert type(flux_config).__name__ == "Flux" and flux_config.unet_config["guidance_embed"]
+    assert (flux_config.unet_config["hidden_size"], flux_config.unet_config["depth"],
+            flux_config.unet_config["depth_single_blocks"]) == (3072, 1, 1)
+    sd3_config = sd35.model.model_config
+    assert type(sd3_config).__name__ == "SD3" and sd3_config.unet_config["qk_norm"] == "rms"
+    assert sd3_config.unet_config["depth"] == 2
+
+
+def test_dits_sample_from_tensor_conditioning_without_a_text_encoder(flux_dev, sd35):
+    """Flux's text encoder needs T5-XXL (no tiny one exists): CONDITIONING from tensors drives them."""
+    import nodes
+
+    from stylekit.tests.support.tiny_dits import dit_conditioning
+
+    for model in (flux_dev, sd35):
+        positive, negative = dit_conditioning(model, seed=1), dit_conditioning(model, seed=2)
+        latent = {"samples": torch.zeros(1, 16, 16, 16)}
+        out = nodes.common_ksampler(model, 3, 2, 1.0, "euler", "simple", positive, negative, latent)[0]["samples"]
+        assert out.shape == (1, 16, 16, 16) and torch.isfinite(out).all() and out.abs().sum() > 0

@@ -10,7 +10,7 @@ from stylekit.ip_adapter.model import IMAGE_EMBEDS, PENULTIMATE
 from stylekit.nodes.instantstyle import StyleKitInstantStyleContentSubtraction
 from stylekit.nodes.ip_adapter import (StyleKitIPAdapter, StyleKitIPAdapterApplyEmbeds, StyleKitIPAdapterEncode,
                                        StyleKitIPAdapterLoader)
-from stylekit.patching.block_weights import ALL, CUSTOM
+from stylekit.host.block_weights import ALL, CUSTOM
 from stylekit.tests.fixtures.registry import CLIP_VISION_VIT_H
 from stylekit.tests.support.host import load_clip_vision
 

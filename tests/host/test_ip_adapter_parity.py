@@ -13,7 +13,7 @@ from diffusers.loaders.ip_adapter import IPAdapterMixin
 from stylekit.ip_adapter.encode import ImageEmbeds, image_tokens
 from stylekit.ip_adapter.files import read_ip_adapter
 from stylekit.ip_adapter.model import IMAGE_EMBEDS, PENULTIMATE
-from stylekit.patching.block_weights import CUSTOM
+from stylekit.host.block_weights import CUSTOM
 from stylekit.patching.ip_adapter import IPAdapterSettings, apply_ip_adapter
 from stylekit.tests.fixtures.registry import (IP_ADAPTER_FULL_FACE_SD15, IP_ADAPTER_PLUS_SD15,
                                               IP_ADAPTER_PLUS_SDXL_VIT_H, IP_ADAPTER_SD15, IP_ADAPTER_SDXL_VIT_H)

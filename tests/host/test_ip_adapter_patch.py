@@ -9,8 +9,8 @@ import torch
 from stylekit.ip_adapter.encode import ImageEmbeds, image_tokens
 from stylekit.ip_adapter.files import load_ip_adapter
 from stylekit.patching.attention_replace import ReplacePatch, installed_replace
-from stylekit.patching.block_map import block_map
-from stylekit.patching.block_weights import CUSTOM, STYLE, STYLE_LAYOUT
+from stylekit.host.block_map import block_map
+from stylekit.host.block_weights import CUSTOM, STYLE, STYLE_LAYOUT
 from stylekit.patching.ip_adapter import AdapterMismatch, IPAdapterPatch, IPAdapterSettings, apply_ip_adapter
 
 ADAPTER = {"sd15": "ip-adapter_sd15.safetensors", "sdxl": "ip-adapter_sdxl_vit-h.safetensors"}

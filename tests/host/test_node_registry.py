@@ -23,6 +23,13 @@ def test_every_node_id_starts_with_stylekit_and_lives_under_the_stylekit_categor
         assert schema.display_name and schema.description, schema.node_id
 
 
+def test_display_names_come_from_the_one_table(pack_nodes):
+    from stylekit.nodes._common import DISPLAY_NAMES
+
+    shown = {n.GET_SCHEMA().node_id: n.GET_SCHEMA().display_name for n in pack_nodes}
+    assert shown == DISPLAY_NAMES
+
+
 def test_node_ids_are_unique(pack_nodes):
     ids = [n.GET_SCHEMA().node_id for n in pack_nodes]
     assert len(ids) == len(set(ids))

@@ -10,15 +10,15 @@ import pytest
 import torch
 
 from stylekit.attention.adain import match_channel_stats
-from stylekit.patching.batch import chunks
-from stylekit.patching.layer_select import ALL, resolve_blocks
-from stylekit.patching.schedule import SigmaWindow
+from stylekit.host.batch import chunks
+from stylekit.host.layer_select import ALL, resolve_blocks
+from stylekit.host.schedule import SigmaWindow
 from stylekit.patching.style_aligned import StyleAlignedSettings, install_style_aligned
 from stylekit.sampling.conditioning import encode_lines
 from stylekit.sampling.inversion import invert, schedule
 from stylekit.sampling.reference import (NoisedReference, ReferenceRowGuider, TrajectoryReference,
                                          sample_with_reference)
-from stylekit.sampling.trajectory import reference_latent
+from stylekit.host.trajectory import reference_latent
 from stylekit.tests.host.sharing_support import cond_and_uncond_apart, encode, relative_error, sample
 
 TOLERANCE = 1e-5

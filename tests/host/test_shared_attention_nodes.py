@@ -11,7 +11,7 @@ from stylekit.nodes.prompt_batch import StyleKitPromptBatch
 from stylekit.nodes.style_aligned import StyleKitStyleAligned, StyleKitStyleAlignedReferenceSampler
 from stylekit.nodes.visual_style_prompting import (StyleKitVisualStylePrompting,
                                                    StyleKitVisualStylePromptingReferenceSampler)
-from stylekit.sampling.trajectory import InversionTrajectory
+from stylekit.host.trajectory import InversionTrajectory
 from stylekit.tests.host.sharing_support import encode
 
 STYLE_ALIGNED = dict(share_group_norm=True, adain_queries=True, adain_keys=True, adain_values=False,

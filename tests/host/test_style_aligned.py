@@ -8,8 +8,8 @@ import torch
 
 from stylekit.attention.shared import shared_attention
 from stylekit.patching.attention_replace import installed_replace
-from stylekit.patching.block_map import block_map
-from stylekit.patching.layer_select import ALL, UP_ONLY, resolve_blocks
+from stylekit.host.block_map import block_map
+from stylekit.host.layer_select import ALL, UP_ONLY, resolve_blocks
 from stylekit.patching.shared_norm import is_shared_norm
 from stylekit.patching.style_aligned import SharedAttentionPatch, StyleAlignedSettings, install_style_aligned
 from stylekit.tests.host.sharing_support import (cond_and_uncond_apart, encode, recording, relative_error,
@@ -150,7 +150,7 @@ def test_a_shift_on_top_of_another_self_attention_patch_is_refused_clearly(sd15)
 
 @pytest.mark.parametrize("level", [0.1, 0.25, 0.5, 0.75, 0.9, 1.0])
 def test_only_self_level_follows_the_official_switch_vector(sdxl, level):
-    from stylekit.patching.layer_select import unshared_by_level
+    from stylekit.host.layer_select import unshared_by_level
 
     # The official rule (sa_handler._get_switch_vec), restated: over the attn1 layers in diffusers'
     # processor order, every (total // k)-th layer is switched off, k = int(level · total); above

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from stylekit.patching.schedule import SigmaWindow
+from stylekit.host.schedule import SigmaWindow
 from stylekit.sampling.style_guidance import (EXACT, FAST, TAESD_DECODER, VAE_DECODER, StyleGuidance,
                                               StyleGuidanceError, StyleGuidanceSettings, apply_style_guidance,
                                               taesd_decoder, vae_decoder)

@@ -14,8 +14,8 @@ from stylekit.ip_adapter.files import FOLDER, load_ip_adapter, read_ip_adapter
 from stylekit.ip_adapter.model import IMAGE_EMBEDS, PENULTIMATE, IPAdapterFileError
 from stylekit.nodes.styleadapter import StyleKitRemoveClassToken, StyleKitStyleAdapter
 from stylekit.patching.attention_replace import installed_replace
-from stylekit.patching.block_map import block_map
-from stylekit.patching.block_weights import CUSTOM
+from stylekit.host.block_map import block_map
+from stylekit.host.block_weights import CUSTOM
 from stylekit.patching.ip_adapter import IPAdapterPatch
 from stylekit.styleadapter.stages import (ClassTokenError, StyleAdapterSettings, apply_style_adapter,
                                           remove_class_token, style_tokens)

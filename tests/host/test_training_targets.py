@@ -44,7 +44,7 @@ def test_a_block_list_takes_comfy_ids_and_diffusers_names(sdxl):
 
 
 def test_an_unknown_block_is_refused_with_the_blocks_that_exist(sd15):
-    with pytest.raises(ValueError, match=r"no attention block 'output 0' in this model; it has: input 1 \(down_blocks\.0"):
+    with pytest.raises(ValueError, match=r"'output 0' names no attention block of this model; it has: input 1 \(down_blocks\.0"):
         select_sites(sd15.model, BLOCK_LIST, "output 3, output 0")
     with pytest.raises(ValueError, match="SDXL block"):
         select_sites(sd15.model, BLORA_STYLE)

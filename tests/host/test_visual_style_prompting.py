@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from stylekit.attention.shared import swapped_attention
-from stylekit.patching.block_map import block_map
-from stylekit.patching.layer_select import VSP_DEFAULT, resolve_blocks
+from stylekit.host.block_map import block_map
+from stylekit.host.layer_select import VSP_DEFAULT, resolve_blocks
 from stylekit.patching.visual_style import SwapKVPatch, VisualStyleSettings, install_visual_style_prompting
 from stylekit.tests.host.sharing_support import (cond_and_uncond_apart, encode, recording, relative_error,
                                                  sample)

@@ -57,6 +57,19 @@ def load_checkpoint(filename: str) -> tuple:
     return _checkpoints[filename]
 
 
+_diffusion_models: dict[str, object] = {}
+
+
+def load_diffusion_model(filename: str):
+    """A MODEL of models/diffusion_models through core's UNETLoader (its own detection), cached per process."""
+    if filename not in _diffusion_models:
+        init_comfy(load_nodes=True)
+        import nodes
+
+        _diffusion_models[filename] = nodes.UNETLoader().load_unet(filename, "default")[0]
+    return _diffusion_models[filename]
+
+
 _clip_visions: dict[str, object] = {}
 
 
@@ -73,6 +86,7 @@ def load_clip_vision(filename: str):
 def release_models() -> None:
     """Drop every model this process loaded, so a server started next has the memory to itself."""
     _checkpoints.clear()
+    _diffusion_models.clear()
     _clip_visions.clear()
     if _state["comfy"] is None:
         return

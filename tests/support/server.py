@@ -18,7 +18,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from .paths import BASE_DIR, VENV_PYTHON, WORK, host_path
+from .paths import BASE_DIR, REPO, VENV_PYTHON, WORK, host_path
 
 
 class ServerError(RuntimeError):
@@ -54,6 +54,18 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+TEST_NODES = REPO / "tests" / "support" / "comfy_nodes"
+
+
+def extra_node_args() -> tuple[str, ...]:
+    """Server arguments that add the test-only nodes (TEST_NODES) through an extra-paths file, so only
+    the servers the tests start see them, never `make serve` or `make demo`."""
+    config = WORK / "test_nodes.yaml"
+    config.parent.mkdir(parents=True, exist_ok=True)
+    config.write_text(f"stylekit_tests:\n  base_path: {TEST_NODES}\n  custom_nodes: .\n")
+    return ("--extra-model-paths-config", str(config))
 
 
 def server_command(port: int, base_dir: Path | None = BASE_DIR, cpu: bool = True,

@@ -4,7 +4,9 @@ Workflows are authored with the settings a user would run on real models (SDXL a
 steps). On the tiny random-weight fixtures only the plumbing matters, so `tiny()` shrinks what
 costs CPU time and nothing else: image sizes to at most TINY_SIDE px and step counts to at most
 TINY_STEPS, with step indices (`*_at_step`, `*_steps` offsets) scaled by the same factor so their
-relations hold.
+relations hold. Flux prompts come from tensors: core's Flux text encoder always builds T5-XXL
+(DESIGN §6), so every text encode fed by a Flux text-encoder loader becomes the test server's
+TestDiTConditioning on the graph's diffusion model, and the loader goes.
 """
 from __future__ import annotations
 
@@ -46,9 +48,38 @@ def _literal_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+TEXT_ENCODES = ("CLIPTextEncode", "CLIPTextEncodeFlux")
+
+
+def _is_flux_text_encoder(node: dict) -> bool:
+    return node.get("class_type") in ("DualCLIPLoader", "CLIPLoader") and node.get("inputs", {}).get("type") == "flux"
+
+
+def without_t5(prompt: dict) -> dict:
+    """A copy of an API prompt whose Flux text encodes are TestDiTConditioning nodes (module docstring)."""
+    out = copy.deepcopy(prompt)
+    loaders = {nid for nid, node in out.items() if _is_flux_text_encoder(node)}
+    if not loaders:
+        return out
+    models = [nid for nid, node in out.items() if node.get("class_type") == "UNETLoader"]
+    if len(models) != 1:
+        raise ValueError(f"a Flux workflow needs exactly one UNETLoader for its tensor prompts, found {len(models)}")
+    for seed, (nid, node) in enumerate(sorted(out.items())):
+        clip = node.get("inputs", {}).get("clip")
+        if node.get("class_type") in TEXT_ENCODES and isinstance(clip, list) and clip[0] in loaders:
+            guidance = node["inputs"].get("guidance", 3.5)
+            out[nid] = {"class_type": "TestDiTConditioning", "_meta": node.get("_meta", {}),
+                        "inputs": {"model": [models[0], 0], "seed": seed, "tokens": 8, "guidance": guidance}}
+    for nid in loaders:
+        if any(isinstance(v, list) and v[0] == nid for n in out.values() for v in n.get("inputs", {}).values()):
+            raise ValueError(f"node {nid} (a Flux text encoder) feeds a node other than a text encode")
+        del out[nid]
+    return out
+
+
 def tiny(prompt: dict) -> dict:
     """A copy of an API prompt sized for the tiny fixtures (see module docstring)."""
-    out = copy.deepcopy(prompt)
+    out = without_t5(prompt)
     for node in out.values():
         inputs = node.get("inputs", {})
         w, h = inputs.get("width"), inputs.get("height")

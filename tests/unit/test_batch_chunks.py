@@ -1,6 +1,6 @@
 import pytest
 
-from stylekit.patching.batch import COND, UNCOND, chunks
+from stylekit.host.batch import COND, UNCOND, chunks
 
 
 def test_rows_split_evenly_in_the_order_cond_or_uncond_gives():

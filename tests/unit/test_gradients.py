@@ -1,11 +1,11 @@
-"""patching/gradients.py: backprop through modules and tensors made inside inference mode, as every
+"""host/gradients.py: backprop through modules and tensors made inside inference mode, as every
 ComfyUI prompt makes them (DESIGN §0). Pure torch: the module imports no comfy."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from stylekit.patching.gradients import autograd_enabled, differentiable_copy, thaw_parameters_, thawed
+from stylekit.host.gradients import autograd_enabled, differentiable_copy, thaw_parameters_, thawed
 
 
 def _frozen_net_made_in_inference_mode() -> torch.nn.Module:

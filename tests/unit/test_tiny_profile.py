@@ -20,3 +20,23 @@ def test_links_and_small_values_are_left_alone_and_input_is_not_mutated():
     prompt = {"1": {"class_type": "X", "inputs": {"width": ["2", 0], "height": 32, "steps": 3}}}
     out = tiny(prompt)
     assert out == prompt and out is not prompt
+
+
+def test_flux_text_encodes_become_tensor_conditioning_on_the_graphs_model_and_the_t5_loader_goes():
+    from stylekit.tests.support.workflows import without_t5
+
+    prompt = {
+        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": "flux1-dev.safetensors"}},
+        "2": {"class_type": "DualCLIPLoader", "inputs": {"clip_name1": "a", "clip_name2": "b", "type": "flux"}},
+        "3": {"class_type": "CLIPTextEncodeFlux", "inputs": {"clip": ["2", 0], "guidance": 2.5}},
+        "4": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["2", 0], "text": ""}},
+        "5": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "positive": ["3", 0], "negative": ["4", 0]}},
+    }
+    out = without_t5(prompt)
+    assert "2" not in out and out["5"] == prompt["5"]
+    assert {out[n]["class_type"] for n in ("3", "4")} == {"TestDiTConditioning"}
+    assert out["3"]["inputs"]["model"] == ["1", 0] and out["3"]["inputs"]["guidance"] == 2.5
+    assert out["3"]["inputs"]["seed"] != out["4"]["inputs"]["seed"]
+    sd_graph = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {}},
+                "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1]}}}
+    assert without_t5(sd_graph) == sd_graph

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stylekit.sampling.trajectory import InversionTrajectory, pinned_index, reference_latent, step_position
+from stylekit.host.trajectory import InversionTrajectory, pinned_index, reference_latent, step_position
 
 
 def official_schedule(steps: int, offset: int) -> list[int]:

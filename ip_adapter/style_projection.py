@@ -1,5 +1,8 @@
 """The StyleAdapter checkpoint interface: what a StyleAdapter file must hold for StyleKit to load it.
 
+One more projection kind of the IP-Adapter engine (beside base, plus and full-face): the engine's
+loader reads it, so the engine imports no plug-in; styleadapter/ holds the method's stages.
+
 No official StyleAdapter code or weights are public (DESIGN §4). This module fixes the layout a
 checkpoint would need, after the paper: a StyEmb module (learned style embeddings that read the
 CLIP vision patch tokens through a few transformer layers) and, per cross-attention layer, the
@@ -37,7 +40,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..ip_adapter.model import PENULTIMATE, IPAdapter, IPAdapterFileError
+from .model import PENULTIMATE, IPAdapter, IPAdapterFileError
 
 KIND = "styleadapter"
 STYLE_EMB, STYLE_ADAPTER = "style_emb", "style_adapter"

@@ -1,22 +1,19 @@
 """Block presets and custom block lists for the self-attention methods, resolved on the block map.
 
-Users name blocks by ComfyUI id ("output 3", "input 8", "middle 0") or by diffusers name
-("up_blocks.1" = every attention of that up block, "up_blocks.1.attentions.0", "mid_block");
-presets are resolved on the loaded model's map, never from a hard-coded table.
+Users name blocks in the one block grammar (host/blocks.py): ComfyUI ids and ranges ("output 3-5",
+"input 8", "output" = every output block), diffusers names and prefixes ("up_blocks.1" = every
+attention of that up block, "mid_block"), DiT blocks ("single 0-37"); presets are resolved on the
+loaded model's map, never from a hard-coded table.
 """
 from __future__ import annotations
 
-import re
-
 from .block_map import BlockId, BlockMap, LayerId, block_map
+from .blocks import parse_block_list
 
 ALL = "all"
 UP_ONLY = "up blocks only"
 VSP_DEFAULT = "highest-resolution up block"
 CUSTOM = "custom"
-
-_COMFY_ID = re.compile(r"^(input|middle|output)[\s_]*(\d+)?$")
-
 
 def highest_resolution_up_block(bmap: BlockMap) -> tuple[BlockId, ...]:
     """The last diffusers up block that has attention: SDXL up_blocks.1 (output 3, 4, 5), the
@@ -30,26 +27,8 @@ def highest_resolution_up_block(bmap: BlockMap) -> tuple[BlockId, ...]:
 
 
 def parse_blocks(text: str, bmap: BlockMap) -> tuple[BlockId, ...]:
-    """Blocks named in a comma- or newline-separated list; ValueError names any unknown entry."""
-    chosen: list[BlockId] = []
-    for raw in re.split(r"[,;\n]+", text):
-        entry = raw.strip().lower()
-        if not entry:
-            continue
-        match = _COMFY_ID.match(entry)
-        if match:
-            name, number = match.group(1), match.group(2)
-            found = [s.block for s in bmap if s.block[0] == name and (number is None or s.block[1] == int(number))]
-        else:
-            found = [s.block for s in bmap if s.diffusers_name == entry or s.diffusers_name.startswith(entry + ".")]
-        if not found:
-            known = ", ".join(f"{b} {n}" for b, n in (s.block for s in bmap))
-            raise ValueError(f"'{raw.strip()}' is not an attention block of this model; it has: {known} "
-                             "(diffusers names such as up_blocks.1 work too)")
-        chosen.extend(b for b in found if b not in chosen)
-    if not chosen:
-        raise ValueError("the custom block list is empty; name blocks such as 'output 3, output 4'")
-    return tuple(chosen)
+    """Blocks named in a block list (the grammar of host/blocks.py); ValueError names any unknown entry."""
+    return tuple(s.block for s in parse_block_list(bmap, text))
 
 
 def select_blocks(bmap: BlockMap, preset: str, custom: str = "") -> tuple[BlockId, ...]:

@@ -7,10 +7,10 @@ Accepted forms (any mix of scalars and lists, as JSON or a Python literal):
    "block_i" names diffusers' down_blocks.i / up_blocks.i; a list gives one value per
    `attentions.j` of that block, a scalar all of them; every block not named gets 0.
        {"up": {"block_0": [0.0, 1.0, 0.0]}, "down": {"block_2": [0.0, 1.0]}}
-2. Named blocks: ComfyUI ids ("input 8", "middle 0", "output 1") or diffusers names
-   ("up_blocks.0.attentions.1", "mid_block", a prefix such as "up_blocks.1" for all its
-   attentions); blocks not named get 0.
-       {"output 1": 1.0, "input 8": 0.5}
+2. Named blocks, each key in the block grammar of host/blocks.py (ComfyUI ids and ranges,
+   "output" = every output block, diffusers names and prefixes, DiT blocks); blocks not named
+   get 0. A plain block list (not JSON) gives its blocks weight 1.
+       {"output 1": 1.0, "input 8": 0.5}        output 1, input 8
 3. Per transformer depth (SDXL's 10-deep blocks): wherever a block takes a number it also takes
    a list with one value per transformer layer of its depth.
        {"output 1": [0, 0, 1, 1, 1, 1, 1, 1, 0, 0]}   {"up": {"block_0": [0.0, [1.0] * 10, 0.0]}}
@@ -29,6 +29,7 @@ import re
 from typing import Union
 
 from .block_map import AttentionSite, BlockMap, LayerId
+from .blocks import BlockNameError, sites_named, split_entries
 
 Spec = Union[dict, float, int, None]
 
@@ -72,10 +73,13 @@ def preset_spec(bm: BlockMap, preset: str) -> Spec:
 
 
 def parse_spec(text: str) -> Spec:
-    """A block weight spec from text: JSON or a Python literal; empty text is None."""
+    """A block weight spec from text: JSON or a Python literal, or a plain block list (weight 1 for
+    each block named, e.g. "output 1, input 8"); empty text is None."""
     text = text.strip()
     if not text:
         return None
+    if text[0] not in "{[(-+.0123456789":   # not a literal: a block list in the grammar of host/blocks.py
+        return {entry: 1.0 for entry in split_entries(text)}
     try:
         return json.loads(text)
     except json.JSONDecodeError:
@@ -155,27 +159,14 @@ def _diffusers_form(bm: BlockMap, spec: dict) -> dict[LayerId, float]:
     return weights
 
 
-def _named_sites(bm: BlockMap, name: str) -> list[AttentionSite]:
-    """Sites named by a ComfyUI id ("output 1", "middle") or a diffusers name or prefix."""
-    match = re.fullmatch(r"\s*(input|middle|output)[\s_]*(\d*)\s*", name)
-    if match:
-        number = int(match[2]) if match[2] else 0
-        found = [s for s in bm if s.block == (match[1], number)]
-    else:
-        prefix = name.strip().rstrip(".")
-        prefix = {"mid": "mid_block", "mid_block": "mid_block"}.get(prefix, prefix)
-        found = [s for s in bm if s.diffusers_name == prefix or s.diffusers_name.startswith(prefix + ".")]
-    if not found:
-        known = ", ".join(f"{s.block[0]} {s.block[1]}" for s in bm)
-        raise BlockWeightsError(f"'{name}' names no attention block of this model; it has {known} "
-                                "(or their diffusers names, see StyleKit Block Map)")
-    return found
-
-
 def _named_form(bm: BlockMap, spec: dict) -> dict[LayerId, float]:
     weights: dict[LayerId, float] = {}
     for name, value in spec.items():
-        for site in _named_sites(bm, str(name)):
+        try:
+            sites = sites_named(bm, str(name))
+        except BlockNameError as err:
+            raise BlockWeightsError(str(err)) from None
+        for site in sites:
             weights.update(_site_weights(site, value, f"'{name}'"))
     return weights
 

@@ -1,7 +1,7 @@
 """Which row of a UNet batch is each row's style reference, for methods that share across a batch.
 
 The reference of a row is the first row of its cond/uncond chunk (the paper's "prompt 0 of each
-CFG half"), located through `patching.batch.chunks`, so the same rows pair up whether ComfyUI
+CFG half"), located through `host.batch.chunks`, so the same rows pair up whether ComfyUI
 runs cond and uncond together (in either order) or in separate passes.
 """
 from __future__ import annotations
