@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..patching.block_map import BlockMap, LayerId
+from ..host.block_map import BlockMap, LayerId
 
 CURVES = ("linear", "ease in", "ease out", "ease in-out", "reverse in-out",
           "weak input", "weak output", "weak middle", "strong middle")
@@ -94,7 +94,7 @@ def weight_type_plan(bm: BlockMap, weight_type: str, weight: float = 1.0, weight
                      style_boost: float | None = None, composition_boost: float | None = None,
                      incumbent_middle: bool = False) -> LayerPlan:
     """The weight of every attention layer (and the swapped layers) for one of WEIGHT_TYPES."""
-    from ..patching.block_weights import topology
+    from ..host.block_weights import topology
 
     layers = len(bm)
     topo = topology(bm)

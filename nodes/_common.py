@@ -19,6 +19,8 @@ DISPLAY_NAMES = {
     "StyleKitIPAdapterEncode": "StyleKit IP-Adapter Encode",
     "StyleKitIPAdapterApplyEmbeds": "StyleKit IP-Adapter Apply Embeds",
     "StyleKitIPAdapter": "StyleKit IP-Adapter",
+    "StyleKitIPAdapterAdvanced": "StyleKit IP-Adapter Advanced",
+    "StyleKitIPAdapterTiled": "StyleKit IP-Adapter Tiled",
     "StyleKitPromptBatch": "StyleKit Prompt Batch",
     "StyleKitStyleAligned": "StyleKit StyleAligned",
     "StyleKitStyleAlignedReferenceSampler": "StyleKit StyleAligned Reference Sampler",

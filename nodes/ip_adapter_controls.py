@@ -12,12 +12,12 @@ from ..ip_adapter.encode import ClipVisionMismatch, check_clip_vision, encode_im
 from ..ip_adapter.weight_types import WEIGHT_TYPES
 from ..patching.ip_adapter_controls import (MAX_FRAMES, IPAdapterControls, apply_ip_adapter_controlled,
                                             apply_ip_adapter_tiled)
-from ._common import category, check_images
-from .ip_adapter import IPAdapterType, _inject, injection_inputs, node_error, settings_from_inputs
+from ._common import DISPLAY_NAMES, category, check_images, node_error
+from .ip_adapter import IPAdapterType, _inject, injection_inputs, settings_from_inputs
 
 CATEGORY = category("IP-Adapter")
-ADVANCED = "StyleKit IP-Adapter Advanced"
-TILED = "StyleKit IP-Adapter Tiled"
+ADVANCED = DISPLAY_NAMES["StyleKitIPAdapterAdvanced"]
+TILED = DISPLAY_NAMES["StyleKitIPAdapterTiled"]
 
 
 def control_inputs() -> list:

@@ -16,15 +16,15 @@ from comfy.ldm.modules.attention import optimized_attention
 
 from ..attention.decoupled import ImageKV, add_image_attention
 from ..attention.embeds_scaling import EMBEDS_SCALING, scale_image_kv
+from ..host.batch import chunks
+from ..host.block_map import block_map
+from ..host.block_weights import block_weights_for
+from ..host.schedule import current_sigma, percent_window
 from ..ip_adapter.encode import ImageEmbeds, ImageTokens, image_tokens
 from ..ip_adapter.model import IPAdapter
 from ..ip_adapter.weight_types import WEIGHT_TYPES, weight_type_plan
 from .attention_replace import install_replace
-from .batch import chunks
-from .block_map import block_map
-from .block_weights import block_weights_for
 from .ip_adapter import ImageKVCache, IPAdapterPatch, IPAdapterSettings, TokenMask, check_adapter_fits
-from .schedule import current_sigma, percent_window
 
 MAX_FRAMES = 4096
 

@@ -12,7 +12,7 @@ from stylekit.attention.embeds_scaling import EMBEDS_SCALING
 from stylekit.ip_adapter.encode import ImageEmbeds, image_tokens
 from stylekit.ip_adapter.files import load_ip_adapter
 from stylekit.ip_adapter.weight_types import WEIGHT_TYPES, weight_type_plan
-from stylekit.patching.block_map import AttentionSite, BlockMap, block_map
+from stylekit.host.block_map import AttentionSite, BlockMap, block_map
 from stylekit.patching.ip_adapter import IPAdapterSettings
 from stylekit.patching.ip_adapter_controls import (ControlledIPAdapterPatch, IPAdapterControls,
                                                    apply_ip_adapter_controlled)

@@ -11,7 +11,7 @@ import torch
 from stylekit.ip_adapter.files import load_ip_adapter
 from stylekit.ip_adapter.tiling import sharpen, tile_layout, tile_reference
 from stylekit.nodes.ip_adapter_controls import StyleKitIPAdapterAdvanced, StyleKitIPAdapterTiled
-from stylekit.patching.block_weights import ALL
+from stylekit.host.block_weights import ALL
 from stylekit.patching.ip_adapter_controls import ControlledIPAdapterPatch
 from stylekit.tests.fixtures.registry import CLIP_VISION_VIT_H
 from stylekit.tests.support.host import load_clip_vision
