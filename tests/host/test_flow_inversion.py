@@ -93,6 +93,24 @@ def test_sampling_forward_from_the_inverted_state_reconstructs_the_input(analyti
     assert errors[50, 3] < 1e-3
 
 
+def test_sd3_discrete_flow_sampling_inverts_as_well(analytic):
+    # SD3/3.5 sample with ModelSamplingDiscreteFlow (shift 3, timestep = sigma·1000): same ODE in sigma.
+    m, latent, conds = analytic
+    m = m.clone()
+
+    class DiscreteFlow(comfy.model_sampling.ModelSamplingDiscreteFlow, comfy.model_sampling.CONST):
+        pass
+
+    sampling = DiscreteFlow()
+    sampling.set_parameters(shift=3.0)
+    m.add_object_patch("model_sampling", sampling)
+    sigmas = schedule(m, 50)
+    assert float(sigmas[0]) == pytest.approx(1.0) and float(sigmas[1]) > 0.99  # shift 3 crowds the top
+    plain = invert_flow(m, latent, *conds, sigmas, progress=False)
+    refined = invert_flow(m, latent, *conds, sigmas, fixed_point_iterations=3, progress=False)
+    assert relative_error(forward(m, refined, conds), latent) < relative_error(forward(m, plain, conds), latent) / 10
+
+
 def test_a_replayed_state_reaches_the_model_bit_for_bit(analytic):
     # Replay the trajectory as a reference row would: row 0 of the batch is set to state_at(sigma)
     # before the model call; core then hands the diffusion model exactly that tensor.
