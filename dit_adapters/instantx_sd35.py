@@ -171,12 +171,15 @@ def instantx_sd35_from_state_dict(sd: dict, name: str = "instantx_sd35") -> Inst
         embed_dim, width = proj["proj_in.weight"].shape[1], proj["proj_in.weight"].shape[0]
         out_dim, queries = proj["proj_out.weight"].shape[0], proj["latents"].shape[1]
         time_channels = proj["time_embedding.linear_1.weight"].shape[1]
+        ffn_ratio = proj["layers.0.1.1.weight"].shape[0] // width
     except KeyError as missing:
         raise ValueError(f"{name}: not an InstantX SD3.5 IP-Adapter (no image_proj.{missing.args[0]})") from None
     depth = len({k.split(".")[1] for k in proj if k.startswith("layers.")})
-    ffn_ratio = proj["layers.0.1.1.weight"].shape[0] // width
     resampler = TimeResampler(embed_dim, width, out_dim, depth, queries, time_channels, ffn_ratio)
-    resampler.load_state_dict(proj)
+    try:
+        resampler.load_state_dict(proj)
+    except RuntimeError as error:
+        raise ValueError(f"{name}: the resampler weights do not fit its layout: {error}") from None
     resampler.eval().requires_grad_(False)
 
     per_layer: dict[int, dict[str, torch.Tensor]] = {}

@@ -93,7 +93,10 @@ def xlabs_flux_from_state_dict(sd: dict[str, torch.Tensor], name: str = "xlabs_f
         raise ValueError(f"{name}: projection rows {proj_w.shape[0]} are no multiple of the token width {context_dim}")
     tokens = proj_w.shape[0] // context_dim
     projection = ImageProjection(clip_width, context_dim, tokens)
-    projection.load_state_dict({k[len(PROJ):]: v for k, v in sd.items() if k.startswith(PROJ)})
+    try:
+        projection.load_state_dict({k[len(PROJ):]: v for k, v in sd.items() if k.startswith(PROJ)})
+    except RuntimeError as error:
+        raise ValueError(f"{name}: the image projection weights do not fit its layout: {error}") from None
     projection.eval().requires_grad_(False)
 
     parts: dict[int, dict[str, torch.Tensor]] = {}

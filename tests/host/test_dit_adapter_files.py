@@ -142,6 +142,14 @@ def test_other_files_are_refused_with_what_was_expected():
     del broken["double_blocks.1.processor.ip_adapter_double_stream_v_proj.bias"]
     with pytest.raises(ValueError, match="double block 1 lacks \\['v_bias'\\]"):
         dit_adapter_from_state_dict(broken, "x")
+    no_norm_bias = small_xlabs(4)
+    del no_norm_bias["ip_adapter_proj_model.norm.bias"]
+    with pytest.raises(ValueError, match="image projection weights do not fit"):
+        dit_adapter_from_state_dict(no_norm_bias, "x")
+    resampler_missing = small_instantx()
+    del resampler_missing["image_proj"]["layers.1.0.to_q.weight"]
+    with pytest.raises(ValueError, match="resampler weights do not fit"):
+        dit_adapter_from_state_dict(resampler_missing, "ip-adapter.bin")
 
 
 def test_adapters_are_shared_not_copied_by_clones():
