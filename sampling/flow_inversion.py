@@ -31,7 +31,7 @@ import comfy.samplers
 import comfy.utils
 import torch
 
-from .trajectory import step_position
+from ..host.trajectory import step_position
 
 
 @dataclass(frozen=True)

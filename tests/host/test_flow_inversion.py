@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from stylekit.sampling.flow_inversion import FlowInversion, invert_flow
-from stylekit.tests.support.tiny_dit_blocks import tiny_flux, tiny_flux_conditioning
+from stylekit.tests.support.tiny_dits import tiny_flux, tiny_flux_conditioning
 
 MU, S = 0.3, 0.8
 

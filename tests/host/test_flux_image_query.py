@@ -12,7 +12,7 @@ import torch
 
 from stylekit.attention.rotary import rotate
 from stylekit.dit_adapters.flux_query import image_stream_query
-from stylekit.tests.support.tiny_dit_blocks import TINY_FLUX, tiny_flux, tiny_flux_conditioning
+from stylekit.tests.support.tiny_dits import TINY_FLUX, tiny_flux, tiny_flux_conditioning
 
 TEXT_TOKENS = 6
 

@@ -15,7 +15,7 @@ import torch
 
 from stylekit.attention.joint_shared import joint_shared_attention, joint_swapped_attention
 from stylekit.tests.host.sharing_support import cond_and_uncond_apart
-from stylekit.tests.support.tiny_dit_blocks import tiny_flux, tiny_flux_conditioning
+from stylekit.tests.support.tiny_dits import tiny_flux, tiny_flux_conditioning
 
 SIDE = 8                       # latent side; patch 2 -> 4×4 = 16 image tokens
 IMAGE_TOKENS = (SIDE // 2) ** 2

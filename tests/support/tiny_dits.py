@@ -68,6 +68,15 @@ def dit_conditioning(model, batch: int = 1, tokens: int = 8, seed: int = 0, guid
         width, pooled = dit.txt_in.in_features, dit.vector_in.in_layer.in_features
     else:                        # MMDiT
         width, pooled = dit.context_embedder.in_features, dit.y_embedder.mlp[0].in_features
+    return _conditioning(width, pooled, batch, tokens, seed, guidance)
+
+
+def tiny_flux_conditioning(seed: int = 0, tokens: int = 6, guidance: float = 3.5) -> list:
+    """dit_conditioning for a TINY_FLUX model, without building one."""
+    return _conditioning(TINY_FLUX["context_in_dim"], TINY_FLUX["vec_in_dim"], 1, tokens, seed, guidance)
+
+
+def _conditioning(width: int, pooled: int, batch: int, tokens: int, seed: int, guidance: float) -> list:
     gen = torch.Generator().manual_seed(seed)
     context = torch.randn(batch, tokens, width, generator=gen)
     extra = {"pooled_output": torch.randn(batch, pooled, generator=gen), "guidance": guidance}

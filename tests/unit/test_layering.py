@@ -61,7 +61,7 @@ def test_math_modules_never_import_comfy():
 
 
 # Packages beside the glue (learned parts and loaders) follow the glue's rules.
-GLUE = ("host", "patching", "ip_adapter", "sampling", "training", "styleadapter", "style_discriminator")
+GLUE = ("host", "patching", "ip_adapter", "dit_adapters", "sampling", "training", "styleadapter", "style_discriminator")
 
 
 def test_only_nodes_package_imports_comfy_api():
@@ -86,7 +86,7 @@ def test_trajectory_math_imports_without_comfy():
 
 # Bottom to top: a folder may import the folders before it, never one after it (nor itself through
 # another folder), so there is no folder cycle. DEVELOPING.md shows the same order.
-LAYERS = ("attention", "host", "style_discriminator", "ip_adapter", "patching", "sampling", "styleadapter",
+LAYERS = ("attention", "host", "style_discriminator", "ip_adapter", "dit_adapters", "patching", "sampling", "styleadapter",
           "training", "nodes")
 
 
