@@ -30,15 +30,7 @@ import comfy.samplers
 import comfy.utils
 import torch
 
-from .trajectory import InversionTrajectory
-
-
-def level_scale(sigma_from, sigma_to):
-    """x at sigma_from rescaled so the model's input at sigma_to is the same DDIM latent z.
-
-    The model's input is x/√(1+σ²); a latent held at one level and evaluated at another (the
-    official inversion, a replayed reference) keeps its z when x is multiplied by this."""
-    return ((1.0 + sigma_to ** 2) / (1.0 + sigma_from ** 2)) ** 0.5
+from .trajectory import InversionTrajectory, level_scale
 
 
 @torch.no_grad()
