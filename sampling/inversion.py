@@ -30,7 +30,12 @@ import comfy.samplers
 import comfy.utils
 import torch
 
+from ..patching.gradients import autograd_enabled
+from .renoise import ReNoiseSettings, renoise_step
 from .trajectory import InversionTrajectory, level_scale
+
+DDIM, RENOISE = "ddim", "renoise"
+METHODS = (DDIM, RENOISE)
 
 
 @torch.no_grad()
@@ -67,6 +72,42 @@ def sample_ddim_inversion(model, x, sigmas, extra_args=None, callback=None, disa
     return x
 
 
+@torch.no_grad()
+def sample_renoise_inversion(model, x, sigmas, extra_args=None, callback=None, disable=None, trajectory=None,
+                             sigma_start: float = 0.0, first_range_sigma: float = 0.0, seed: int = 0,
+                             settings: ReNoiseSettings = ReNoiseSettings()):
+    """ReNoise inversion (sampling/renoise.py) as a k-diffusion sampler over ascending sigmas.
+
+    Works on DDIM latents z = x/√(1+σ²), from z0 at the level of ᾱ_0 as the DDIM loop; the model
+    is called so that the UNet sees z at the destination level's timestep. One generator, seeded
+    with `seed`, draws the forward noise first and then every random roll of the regulariser."""
+    extra_args = {} if extra_args is None else extra_args
+    if trajectory is not None:
+        trajectory.append(x)
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn(x.shape, generator=generator).to(x)
+    z0 = z = x
+    for i in range(len(sigmas) - 1):
+        sigma = float(sigma_start) if i == 0 else float(sigmas[i])
+        sigma_next = float(sigmas[i + 1])
+        alpha, alpha_next = 1.0 / (1.0 + sigma ** 2), 1.0 / (1.0 + sigma_next ** 2)
+
+        def eps(latents, sigma_next=sigma_next):
+            x_in = latents * (1.0 + sigma_next ** 2) ** 0.5
+            denoised = model(x_in, sigma_next * x_in.new_ones([x_in.shape[0]]), **extra_args)
+            return (x_in - denoised) / sigma_next
+
+        z_forward = alpha_next ** 0.5 * z0 + (1 - alpha_next) ** 0.5 * noise
+        z = renoise_step(eps, z, z_forward, alpha, alpha_next, sigma_next < first_range_sigma, settings,
+                         generator, autograd_enabled)
+        x = z * (1.0 + sigma_next ** 2) ** 0.5
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": sigma_next, "sigma_hat": sigma_next, "denoised": x})
+        if trajectory is not None:
+            trajectory.append(x)
+    return x
+
+
 def check_invertible(model_patcher) -> None:
     """Inversion is defined here for the ε/v-prediction family (x = z0 + σ·noise), SD1.x-SDXL."""
     sampling = model_patcher.get_model_object("model_sampling")
@@ -83,7 +124,7 @@ def schedule(model_patcher, scheduler: str, steps: int) -> torch.Tensor:
 
 def invert(model_patcher, latent_image: torch.Tensor, positive, negative, sigmas: torch.Tensor,
            cfg: float = 2.0, fixed_point_iterations: int = 0, seed: int = 0,
-           progress: bool = True) -> InversionTrajectory:
+           progress: bool = True, method: str = DDIM) -> InversionTrajectory:
     """Invert `latent_image` (LATENT samples, [B, C, H, W]) along the descending `sigmas`.
 
     positive / negative are CONDITIONING lists (the official code inverts with the image's
@@ -91,7 +132,11 @@ def invert(model_patcher, latent_image: torch.Tensor, positive, negative, sigmas
     order; its `inverted` latent sampled forward with the same model, prompt, cfg and sigmas
     reconstructs the input up to DDIM inversion's discretisation error, which
     `fixed_point_iterations` (extra model calls per step) reduce; 0 is plain DDIM inversion.
+    method "renoise" runs ReNoise inversion with InstantStyle-Plus's settings instead (its
+    official run uses no guidance: cfg 1 here); `seed` seeds its forward noise and rolls.
     """
+    if method not in METHODS:
+        raise ValueError(f"unknown inversion method {method!r}; choose one of {', '.join(METHODS)}")
     check_invertible(model_patcher)
     if sigmas.ndim != 1 or sigmas.shape[0] < 2 or float(sigmas[-1]) != 0.0:
         raise ValueError("sigmas must be a full descending schedule ending at 0")
@@ -99,9 +144,15 @@ def invert(model_patcher, latent_image: torch.Tensor, positive, negative, sigmas
     ascending = sigmas.flip(0)
     states: list[torch.Tensor] = []
     # The official loop starts from z0 at the level of ᾱ_0: timestep 0's sigma, σ_min.
-    sigma_start = float(model_patcher.get_model_object("model_sampling").sigma_min)
-    sampler = comfy.samplers.KSAMPLER(sample_ddim_inversion, extra_options={
-        "trajectory": states, "fixed_point_iterations": fixed_point_iterations, "sigma_start": sigma_start})
+    model_sampling = model_patcher.get_model_object("model_sampling")
+    sigma_start = float(model_sampling.sigma_min)
+    if method == RENOISE:
+        first_range_sigma = float(model_sampling.sigma(torch.tensor(float(ReNoiseSettings.first_range_timestep))))
+        sampler = comfy.samplers.KSAMPLER(sample_renoise_inversion, extra_options={
+            "trajectory": states, "sigma_start": sigma_start, "first_range_sigma": first_range_sigma, "seed": seed})
+    else:
+        sampler = comfy.samplers.KSAMPLER(sample_ddim_inversion, extra_options={
+            "trajectory": states, "fixed_point_iterations": fixed_point_iterations, "sigma_start": sigma_start})
     guider = comfy.samplers.CFGGuider(model_patcher)
     guider.set_conds(positive, negative)
     guider.set_cfg(cfg)

@@ -163,3 +163,104 @@ def test_models_without_a_noise_to_data_ode_of_this_form_are_refused(sd15):
     m.add_object_patch("model_sampling", Flow(sd15.model.model.model_config))
     with pytest.raises(ValueError, match="ε- and v-prediction"):
         invert(m, torch.zeros(1, 4, 8, 8), [], [], torch.tensor([1.0, 0.0]), progress=False)
+
+
+# ReNoise as InstantStyle-Plus runs it (instantX-research/InstantStyle-Plus, src/renoise_inversion.py
+# with src/config.py and infer_style.py's RunConfig: 1 renoise step, guidance 0 (no CFG), noise
+# regularisation λ_AC 20 / λ_KL 0.065, 4 rounds of 5 rolls, averaging ranges (0, 5) below t = 250
+# and (8, 10) above, no noise correction), written out here independently.
+
+def _official_auto_corr(x, generator):
+    loss = 0.0
+    for channel in range(x.shape[1]):
+        n = x[0, channel][None, None]
+        while True:
+            roll = torch.randint(0, n.shape[2] // 2, (1,), generator=generator).item()
+            loss = loss + (n * torch.roll(n, shifts=roll, dims=2)).mean() ** 2
+            loss = loss + (n * torch.roll(n, shifts=roll, dims=3)).mean() ** 2
+            if n.shape[2] <= 8:
+                break
+            n = torch.nn.functional.avg_pool2d(n, kernel_size=2)
+    return loss
+
+
+def _official_patch_kl(x0, x1):
+    def patchify(t):
+        return t.unfold(1, 4, 4).unfold(2, 4, 4).unfold(3, 4, 4).contiguous().view(-1, 4, 4, 4)
+    a, b = patchify(x0).flatten(2), patchify(x1).flatten(2)
+    mu0, mu1, var0, var1 = a.mean(-1), b.mean(-1), a.var(-1), b.var(-1)
+    kl = torch.log((var1 + 1e-6) / (var0 + 1e-6)) + (var0 + (mu0 - mu1) ** 2) / (var1 + 1e-6) - 1
+    return kl.abs().sum(-1).sum()
+
+
+def _official_regularise(e, optimal, generator):
+    for _ in range(4):
+        var = e.detach().clone().requires_grad_(True)
+        _official_patch_kl(var, optimal).backward()
+        e = e - 0.065 * var.grad.detach().clip(-100, 100)
+        for _ in range(5):
+            var = e.detach().clone().requires_grad_(True)
+            _official_auto_corr(var, generator).backward()
+            e = e - 20.0 * var.grad.detach() / 5
+        e = e.detach()
+    return e
+
+
+def official_renoise_inversion(eps, z0, steps, seed):
+    ac = official_alphas_cumprod()
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn(z0.shape, generator=generator).to(z0.dtype)
+    stride = 1000 // steps
+    z = z0
+    for t in range(1, 1000, stride):
+        a_prev = ac[t - stride] if t - stride >= 0 else ac[0]
+        a_t = ac[t]
+
+        def inv_step(e):
+            return a_t ** 0.5 * (z - (1 - a_prev) ** 0.5 * e) / a_prev ** 0.5 + (1 - a_t) ** 0.5 * e
+
+        avg_range, renoise = ((0, 5), min(5, 1)) if t < 250 else ((8, 10), 1)
+        average, optimal, estimate = None, None, z
+        z_forward = a_t ** 0.5 * z0 + (1 - a_t) ** 0.5 * noise
+        for i in range(renoise + 1):
+            if i == 0:
+                optimal, e = eps(torch.cat([z_forward, estimate]), t).chunk(2)
+            else:
+                e = eps(estimate, t)
+            if avg_range[0] <= i < avg_range[1]:
+                j = i - avg_range[0]
+                average = e.clone() if average is None else j * average / (j + 1) + e / (j + 1)
+            if i >= avg_range[0]:
+                regularised = _official_regularise(e, optimal, generator)
+                if not torch.isnan(regularised).any():
+                    e = regularised
+            estimate = inv_step(e)
+        if average is not None:
+            estimate = inv_step(_official_regularise(average, optimal, generator))
+        z = estimate
+    return z
+
+
+def test_renoise_inversion_is_instantstyle_plus_renoise_on_the_same_unet(sd15):
+    steps, seed = 10, 7865
+    positive = encode(sd15.clip, "waves")
+    latent = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    sigmas = schedule(sd15.model, "ddim_uniform", steps)
+    # Official guidance 0 means no CFG: the conditional prediction alone, ComfyUI's cfg 1.
+    trajectory = invert(sd15.model, latent, positive, positive, sigmas, cfg=1.0, method="renoise", seed=seed,
+                        progress=False)
+    twin = diffusers_twin(sd15.model)
+    context = positive[0][0].float()
+
+    def eps(z, t):
+        with torch.no_grad():
+            return twin(z.float(), t, encoder_hidden_states=context.expand(z.shape[0], -1, -1)).sample.double()
+
+    model = sd15.model.model
+    official = official_renoise_inversion(eps, model.process_latent_in(latent).double(), steps, seed)
+    ours = model.process_latent_in(trajectory.inverted).double() / (1 + float(sigmas[0]) ** 2) ** 0.5
+    assert l2_relative(ours, official) < 1e-3
+    # It is not plain DDIM inversion: the re-noising and the regulariser move the result.
+    plain = invert(sd15.model, latent, positive, positive, sigmas, cfg=1.0, progress=False)
+    assert l2_relative(model.process_latent_in(plain.inverted).double() / (1 + float(sigmas[0]) ** 2) ** 0.5,
+                       official) > 1e-2
