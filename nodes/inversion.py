@@ -44,7 +44,8 @@ class StyleKitDDIMInversion(io.ComfyNode):
                                      "step's time and shrinks the round-trip error. 0 is the official loop."),
                 io.Combo.Input("method", options=list(METHODS), default=DDIM, optional=True,
                                tooltip="ddim: official StyleAligned DDIM inversion. renoise: ReNoise as "
-                                       "InstantStyle-Plus runs it (about 3 UNet evaluations per step; official with cfg 1)."),
+                                       "InstantStyle-Plus runs it (about 3 UNet evaluations per step; "
+                                       "official with cfg 1)."),
                 io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, optional=True,
                              tooltip="renoise only: seeds its forward noise and the regulariser's random rolls."),
             ],

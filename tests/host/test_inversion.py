@@ -107,7 +107,8 @@ def test_the_inverted_latent_is_the_official_loops_on_the_same_unet(sd15, cfg):
     ac = official_alphas_cumprod()
     levels = [ac[0]] + [ac[t] for t in range(1, 1000, 1000 // steps)]
     # Same schedule: ComfyUI's ddim_uniform sigmas are the official timesteps' σ = √((1−ᾱ)/ᾱ).
-    assert relative_error(sigmas[:-1].double().flip(0), ((1 - torch.stack(levels[1:])) / torch.stack(levels[1:])) ** 0.5) < 1e-5
+    official_sigmas = ((1 - torch.stack(levels[1:])) / torch.stack(levels[1:])) ** 0.5
+    assert relative_error(sigmas[:-1].double().flip(0), official_sigmas) < 1e-5
     # Ours holds x = z/√ᾱ at each sigma (sampling order): the UNet sees z.
     ours = [model.process_latent_in(x).double() / (1 + float(s) ** 2) ** 0.5
             for x, s in zip(trajectory.latents, trajectory.sigmas)]
