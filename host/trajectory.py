@@ -68,16 +68,29 @@ def step_position(sigmas: torch.Tensor, sigma: float, rtol: float = 1e-4) -> tup
     return last, 0.0
 
 
+def level_scale(sigma_from: float, sigma_to: float) -> float:
+    """Factor that moves x held at sigma_from to sigma_to keeping the model's input, the DDIM latent.
+
+    ComfyUI's ε/v models see x/√(1+σ²) = z; a latent of one level evaluated at another (the
+    official inversion's z_{t−1} at timestep t, a pinned reference row) keeps its z when x is
+    multiplied by √(1+σ_to²)/√(1+σ_from²)."""
+    return ((1.0 + sigma_to ** 2) / (1.0 + sigma_from ** 2)) ** 0.5
+
+
 def reference_latent(trajectory_latents: torch.Tensor, sigmas: torch.Tensor, sigma: float, offset: int) -> torch.Tensor:
     """The reference row's latent when the sampler evaluates the model at `sigma`.
 
-    While pinned (steps 0..offset) the pinned state; afterwards the trajectory, linearly
-    interpolated in sigma between its points (an Euler/DDIM step is linear in sigma, so this is
-    the inversion's own path). Shapes: latents [S+1, B, ...], sigmas [S+1] -> [B, ...].
+    The official code feeds the UNet the DDIM latent zts[k] as it is, whatever the timestep: while
+    pinned (steps 0..offset) zts[offset] / zts[offset + 1] at the current timestep. So the state's
+    DDIM latent z_k = x_k/√(1+σ_k²) is held and returned as x at `sigma` (level_scale), and the
+    model's input is exactly the official latent. Between schedule points of a free step
+    (multistage samplers) the trajectory is interpolated linearly in sigma (an Euler/DDIM step is
+    linear in sigma, so this is the inversion's own path). Shapes: latents [S+1, B, ...], sigmas
+    [S+1] -> [B, ...].
     """
     steps = sigmas.shape[0] - 1
     j, w = step_position(sigmas, sigma)
     index = pinned_index(j, offset, steps)
-    if index != j or j >= steps or w == 0.0:
-        return trajectory_latents[index]
-    return torch.lerp(trajectory_latents[j], trajectory_latents[j + 1], w)
+    if index == j and j < steps and w != 0.0:
+        return torch.lerp(trajectory_latents[j], trajectory_latents[j + 1], w)
+    return trajectory_latents[index] * level_scale(float(sigmas[index]), float(sigma))

@@ -4,7 +4,7 @@ from __future__ import annotations
 import comfy.samplers
 from comfy_api.latest import io
 
-from ..sampling.inversion import invert, schedule
+from ..sampling.inversion import DDIM, METHODS, invert, schedule
 from ._common import DISPLAY_NAMES, Trajectory, category, check_latent, node_error
 
 NAME = DISPLAY_NAMES["StyleKitDDIMInversion"]
@@ -18,12 +18,15 @@ class StyleKitDDIMInversion(io.ComfyNode):
             display_name=NAME,
             category=category("sampling"),
             description=(
-                "Deterministic DDIM inversion: runs the sampler's ODE backwards from the latent to noise "
-                "(Euler steps towards higher sigma, the noise predicted at the next level, as DDIM "
-                "inversion does). Outputs the inverted latent (sample it with the same model, prompt, cfg, "
-                "steps and scheduler and no added noise to get the image back) and the whole trajectory "
-                "for the reference samplers. Official StyleAligned settings: 50 steps, cfg 2, the image's "
-                "caption as positive and a zeroed negative (ConditioningZeroOut). SD1.x, SD2.x, SDXL."),
+                "Deterministic inversion of a latent to noise. ddim: the official DDIM inversion loop "
+                "(google/style-aligned): the UNet sees the current DDIM latent at the next timestep, starting "
+                "from the latent at the level of timestep 0. renoise: ReNoise inversion with InstantStyle-Plus's "
+                "settings (1 renoise step, averaged noise estimates and noise regularisation, λ_AC 20, λ_KL "
+                "0.065; official with cfg 1, i.e. no guidance). Outputs the inverted latent (sample it with the "
+                "same model, prompt, cfg, steps and scheduler and no added noise to get the image back) and the "
+                "whole trajectory for the reference samplers. Official StyleAligned settings: ddim, 50 steps, "
+                "cfg 2, the image's caption as positive and a zeroed negative (ConditioningZeroOut). SD1.x, "
+                "SD2.x, SDXL."),
             inputs=[
                 io.Model.Input("model"),
                 io.Conditioning.Input("positive", tooltip="A prompt describing the image (its caption)."),
@@ -36,9 +39,15 @@ class StyleKitDDIMInversion(io.ComfyNode):
                 io.Combo.Input("scheduler", options=comfy.samplers.SCHEDULER_NAMES, default="ddim_uniform",
                                tooltip="ddim_uniform gives the official DDIM timesteps; sample later with the same."),
                 io.Int.Input("fixed_point_iterations", default=0, min=0, max=10,
-                             tooltip="Extra model evaluations per step that solve the exact inverse of a "
-                                     "sampling step (ReNoise-style refinement): each one costs a step's time "
-                                     "and shrinks the round-trip error. 0 is plain DDIM inversion (official)."),
+                             tooltip="ddim only: extra model evaluations per step that solve the exact inverse "
+                                     "of a sampling step (ours, not in the official loop): each one costs a "
+                                     "step's time and shrinks the round-trip error. 0 is the official loop."),
+                io.Combo.Input("method", options=list(METHODS), default=DDIM, optional=True,
+                               tooltip="ddim: official StyleAligned DDIM inversion. renoise: ReNoise as "
+                                       "InstantStyle-Plus runs it (about 3 UNet evaluations per step; "
+                                       "official with cfg 1)."),
+                io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, optional=True,
+                             tooltip="renoise only: seeds its forward noise and the regulariser's random rolls."),
             ],
             outputs=[io.Latent.Output(display_name="inverted_latent"),
                      Trajectory.Output(display_name="trajectory")],
@@ -46,12 +55,15 @@ class StyleKitDDIMInversion(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, negative, latent_image, steps, cfg, scheduler,
-                fixed_point_iterations) -> io.NodeOutput:
+                fixed_point_iterations, method=DDIM, seed=0) -> io.NodeOutput:
         check_latent(NAME, "latent_image", latent_image)
+        if method not in METHODS:
+            raise node_error(NAME, "method", f"{method!r} is not a method; choose {' or '.join(METHODS)}")
         try:
             trajectory = invert(model, latent_image["samples"], positive, negative,
                                 schedule(model, scheduler, steps), cfg=cfg,
-                                fixed_point_iterations=fixed_point_iterations)
+                                fixed_point_iterations=fixed_point_iterations if method == DDIM else 0,
+                                seed=seed, method=method)
         except ValueError as err:
             raise node_error(NAME, "model", err) from err
         return io.NodeOutput({"samples": trajectory.inverted.clone()}, trajectory)

@@ -46,9 +46,10 @@ def _scale_input() -> io.Float.Input:
 
 def _norm_input() -> io.Boolean.Input:
     return io.Boolean.Input("share_group_norm", default=True,
-                            tooltip="Normalise each image's GroupNorm groups jointly with the reference "
-                                    "(official default). LayerNorm sharing is not offered: it is a "
-                                    "mathematical no-op.")
+                            tooltip="Normalise each image's GroupNorm groups jointly with the reference. "
+                                    "Official settings: on in the SD1.5 batch demo and the real-reference "
+                                    "(transfer) demo, off in the SDXL batch demos. LayerNorm sharing is not "
+                                    "offered: it is a mathematical no-op.")
 
 
 def _resolve(node: str, model, preset: str, custom: str) -> tuple:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io, ui
 
-from ..sampling.style_guidance import (DECODERS, FAST, MODES, TAESD_DECODER, StyleGuidanceError,
+from ..sampling.style_guidance import (DECODERS, EXACT, MODES, TAESD_DECODER, StyleGuidanceError,
                                        StyleGuidanceSettings, apply_style_guidance, style_guidance_guider)
 from ..style_discriminator.files import (StyleDiscriminatorFileError, load_style_discriminator,
                                          style_discriminator_files)
@@ -88,8 +88,11 @@ def guidance_inputs() -> list:
         io.Int.Input("every", default=1, min=1, max=1000,
                      tooltip="Guide every k-th step (1 = every step, as the official code; 3 is ~3x cheaper)."),
         *percent_inputs("style guidance"),
-        io.Combo.Input("mode", options=list(MODES), default=FAST,
-                       tooltip="fast: gradient through decoder + discriminator; exact: also through the model."),
+        io.Combo.Input("mode", options=list(MODES), default=EXACT,
+                       tooltip="exact: the gradient of the loss of the CFG prediction, through the model, decoder "
+                               "and discriminator (one more model forward and backward per guided step). fast "
+                               "(approximation): the model's noise prediction held fixed, much cheaper; it "
+                               "departs from exact at high noise (cosine 0.75 at the top sigma measured)."),
         io.Combo.Input("decoder", options=list(DECODERS), default=TAESD_DECODER,
                        tooltip="vae: the VAE input (official, fp32); taesd: core's approximate decoder from "
                                "models/vae_approx, much cheaper."),
@@ -120,9 +123,11 @@ class StyleKitStyleGuidance(io.ComfyNode):
             description=("Style-loss guidance (InstantStyle-Plus): at the chosen steps the predicted image is decoded, "
                          "embedded by the style discriminator, and the prediction is corrected by the gradient of "
                          "1 - cos(style, reference) with respect to the latent (D' = D - scale * sigma^2 * grad). "
-                         "Works with KSampler and SamplerCustomAdvanced. 'fast' differentiates the decoder and the "
-                         "discriminator only; 'exact' also the model, as the official code (one more forward and "
-                         "backward pass of the model per guided step)."),
+                         "Works with KSampler and SamplerCustomAdvanced. 'exact' (default) differentiates the loss of "
+                         "the CFG prediction through the model, decoder and discriminator (one more forward and "
+                         "backward pass of the model per guided step; the official code also goes through the UNet "
+                         "but scores the unconditional branch's prediction); 'fast' holds the model's noise "
+                         "prediction fixed (an approximation of ours)."),
             inputs=[io.Model.Input("model"), *guidance_inputs()],
             outputs=[io.Model.Output()],
         )

@@ -36,10 +36,10 @@ class StyleKitVisualStylePrompting(io.ComfyNode):
                 io.Model.Input("model"),
                 *_blocks_inputs(VSP_DEFAULT, PRESETS),
                 *percent_inputs("the swap"),
-                io.Float.Input("first_steps_cfg", default=0.0, min=0.0, max=100.0, step=0.1, round=0.01,
-                               tooltip="Guidance for the first steps instead of the sampler's cfg; 0 = off. The "
-                                       "official code samples a generated reference with 20 for the first 3 of "
-                                       "50 steps (and 7 after)."),
+                io.Float.Input("first_steps_cfg", default=20.0, min=0.0, max=100.0, step=0.1, round=0.01,
+                               tooltip="Guidance for the first steps instead of the sampler's cfg; 0 = off. "
+                                       "Default as the official generated-reference setting: 20 for the first 3 "
+                                       "of 50 steps (7 after)."),
                 io.Int.Input("first_steps", default=3, min=0, max=10000,
                              tooltip="How many first steps use first_steps_cfg."),
             ],
@@ -90,7 +90,10 @@ class StyleKitVisualStylePromptingReferenceSampler(io.ComfyNode):
                                tooltip="ddim_uniform gives the official DDIM timesteps. Ignored with a trajectory."),
                 io.Boolean.Input("color_calibration", default=True,
                                  tooltip="Match each image's predicted x0 channel statistics to the reference's "
-                                         "inside the calibration window (official: on)."),
+                                         "inside the calibration window (official: on). With euler or ddim the "
+                                         "step is exactly the official DDIM step (calibrated x0, predicted noise "
+                                         "kept); other samplers get the calibrated x0 as their denoised "
+                                         "prediction, a weaker correction (about 1 − σ_next/σ of it)."),
                 io.Float.Input("calibration_start_percent", default=0.85, min=0.0, max=1.0, step=0.001,
                                tooltip="Window start; 0.85 ≈ t = 150 of 1000 (official)."),
                 io.Float.Input("calibration_end_percent", default=0.9, min=0.0, max=1.0, step=0.001,

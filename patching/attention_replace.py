@@ -29,9 +29,13 @@ class ReplacePatch:
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict,
                   mask: torch.Tensor | None = None) -> torch.Tensor:
         """The plain attention of this layer: the wrapped replace, or core's optimized_attention
-        (which keeps the user's backend: SDPA, xformers, sage...)."""
+        (which keeps the user's backend: SDPA, xformers, sage...). Core's attention gets the
+        layer's attn_precision (SD2.x upcasting) and the transformer options (extra_options holds
+        them all), so an `optimized_attention_override` set there still runs on our layers."""
         if self.previous is None:
-            return optimized_attention(q, k, v, extra_options["n_heads"], mask=mask)
+            return optimized_attention(q, k, v, extra_options["n_heads"], mask=mask,
+                                       attn_precision=extra_options.get("attn_precision"),
+                                       transformer_options=extra_options)
         if mask is not None:
             raise NotImplementedError(
                 f"{type(self).__name__} needs an attention bias, which the replace patch already "

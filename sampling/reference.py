@@ -62,24 +62,51 @@ class NoisedReference:
         return at
 
 
+# Samplers whose step from σ to the next schedule sigma is the DDIM step x' = x0 + σ'·ε (core's
+# "ddim" is its Euler sampler): for them the colour calibration is exactly the official one.
+DDIM_STEP_SAMPLERS = ("euler", "ddim")
+
+
+def calibrated_denoised(x: torch.Tensor, denoised: torch.Tensor, calibrated: torch.Tensor, sigma: float,
+                        sigma_next: float) -> torch.Tensor:
+    """The denoised output whose Euler/DDIM step from sigma to sigma_next lands on the official
+    calibrated DDIM step: x' = x0_cal + σ'·ε with the predicted noise ε = (x − D)/σ kept.
+
+    An Euler step gives x' = D' + (σ'/σ)(x − D'); solving for D' with r = σ'/σ:
+    D' = (x0_cal − r·D)/(1 − r). Replacing D by x0_cal alone would move the sample by (1 − r) of
+    the official correction."""
+    r = sigma_next / sigma
+    return (calibrated - r * denoised) / (1.0 - r)
+
+
 class ReferenceRowGuider(comfy.samplers.CFGGuider):
     """CFGGuider whose batch row 0 is the reference; optional VSP colour calibration and a
     conditional-only prediction for the reference row (official VSP real-image script)."""
 
     def __init__(self, model_patcher, source, colour_window: SigmaWindow | None = None,
-                 cond_only_reference: bool = False):
+                 cond_only_reference: bool = False, ddim_step: bool = True):
         super().__init__(model_patcher)
         self.source = source
         self.colour_window = colour_window
         self.cond_only_reference = cond_only_reference
+        self.ddim_step = ddim_step            # the sampler steps as DDIM: calibrate as the official step
         self._reference_at: ReferenceAt | None = None
+        self._sigmas: torch.Tensor | None = None
 
     def sample(self, noise, latent_image, sampler, sigmas, *args, **kwargs):
         self._reference_at = self.source.bind(self.model_patcher.model.process_latent_in, sigmas.cpu())
+        self._sigmas = sigmas.cpu()
         try:
             return super().sample(noise, latent_image, sampler, sigmas, *args, **kwargs)
         finally:
             self._reference_at = None
+
+    def _next_sigma(self, sigma: float) -> float | None:
+        """The schedule's next sigma when `sigma` is a schedule point, else None."""
+        if self._sigmas is None:
+            return None
+        j, w = step_position(self._sigmas, sigma)
+        return float(self._sigmas[j + 1]) if w == 0.0 and j + 1 < self._sigmas.shape[0] else None
 
     def _post_cfg(self, args: dict) -> torch.Tensor:
         denoised = args["denoised"]
@@ -88,8 +115,15 @@ class ReferenceRowGuider(comfy.samplers.CFGGuider):
             denoised[:1] = args["cond_denoised"][:1]
         sigma = float(args["sigma"].flatten()[0])
         if self.colour_window is not None and self.colour_window.contains(sigma):
-            denoised = denoised.clone()
-            denoised[1:] = match_channel_stats(denoised[1:], denoised[:1])
+            # Official (VSP scheduling_ddim.py): the predicted x0 of every image gets the reference
+            # row's channel statistics and the step keeps the predicted noise.
+            calibrated = denoised.clone()
+            calibrated[1:] = match_channel_stats(denoised[1:], denoised[:1])
+            sigma_next = self._next_sigma(sigma)
+            if self.ddim_step and sigma_next is not None and args.get("input") is not None:
+                calibrated[1:] = calibrated_denoised(args["input"][1:], denoised[1:], calibrated[1:], sigma,
+                                                     sigma_next)
+            denoised = calibrated
         return denoised
 
     def predict_noise(self, x, timestep, model_options={}, seed=None):
@@ -119,7 +153,8 @@ def sample_with_reference(model_patcher, source, positive, negative, reference_p
     batch = latent_image.shape[0]
     rows = torch.cat([torch.zeros_like(latent_image[:1]), latent_image])
     noise = torch.cat([torch.zeros_like(latent_image[:1]), comfy.sample.prepare_noise(latent_image, seed)])
-    guider = ReferenceRowGuider(model_patcher, source, colour_window, cond_only_reference)
+    guider = ReferenceRowGuider(model_patcher, source, colour_window, cond_only_reference,
+                                ddim_step=sampler_name in DDIM_STEP_SAMPLERS)
     guider.set_conds(with_reference_row(reference_positive, positive, batch), negative)
     guider.set_cfg(cfg)
     callback = latent_preview.prepare_callback(model_patcher, sigmas.shape[-1] - 1)

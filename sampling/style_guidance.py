@@ -7,12 +7,21 @@ sampler's latent x: D' = D − scale·σ²·∂L/∂x. Installed as a `sampler_p
 works with KSampler, KSamplerAdvanced and SamplerCustom(Advanced) with any core sampler.
 
 Modes:
-- "fast": the gradient runs through the decoder and the discriminator only. x̂0 comes from the
+- "fast" (ours, an approximation): the gradient runs through the decoder and the discriminator only. x̂0 comes from the
   model's output with the predicted noise held fixed (D(x) = x − σ·ε̂, ∂D/∂x = I): no UNet
   backward, no UNet activations kept.
-- "exact": the gradient also runs through the model, as the official code does: the model is
-  evaluated again with autograd on (cond and uncond, with every patch and ControlNet of the
-  call) and CFG is re-applied. Costs a forward and a backward pass of the UNet per guided step.
+- "exact" (the default): the gradient also runs through the model: the model is evaluated again with autograd
+  on (cond and uncond, with every patch and ControlNet of the call), CFG is re-applied, and the
+  loss of the CFG prediction's x̂0 is differentiated, ∂L(decode(mix(D_cfg(x), x)))/∂x. The
+  official code also backpropagates through the UNet, but (a batch-1 latent against the
+  [uncond, cond] prompt batch, broadcast by the UNet) it scores image[0:1], the unconditional
+  branch's x̂0; ours scores the prediction the sampler actually steps with, which is the
+  gradient its update ε' = ε − √(1−ᾱ)·∇ is meant to follow. Costs a forward and a backward pass
+  of the UNet per guided step.
+
+The images the discriminator scores are preprocessed as the official guidance does
+(style_discriminator.csd.guidance_preprocess: bilinear resize to 224, no crop); the reference
+embeddings as CSD's evaluation (`preprocess`: bicubic resize, centre crop).
 
 Gradients run in one place (host/gradients.py); `torch.autograd.grad` frees each step's
 graph, so nothing outlives a step. The decoder is a frozen fp32 copy (the official code decodes
@@ -31,7 +40,7 @@ import torch
 
 from ..host.gradients import autograd_enabled, differentiable_copy, thaw_parameters_, thawed
 from ..host.schedule import SigmaWindow, percent_window
-from ..style_discriminator.csd import preprocess
+from ..style_discriminator.csd import guidance_preprocess
 from ..style_discriminator.files import StyleDiscriminator
 from .style_loss import guided_denoised, official_mix, style_loss
 
@@ -51,7 +60,7 @@ class StyleGuidanceSettings:
     every: int = 1               # guide every k-th step of the schedule (1 = every step)
     start_percent: float = 0.0
     end_percent: float = 1.0
-    mode: str = FAST
+    mode: str = EXACT            # fast misses cos >= 0.8 at the top of the schedule (README table)
     decoder: str = TAESD_DECODER
 
     @property
@@ -137,7 +146,7 @@ class StyleGuidance:
         csd = self.discriminator.load()
         thaw_parameters_(csd)
         images = self.decoder(latent, base_model).movedim(1, -1)
-        pixels = preprocess(images.to(self.discriminator.load_device, self.dtype))
+        pixels = guidance_preprocess(images.to(self.discriminator.load_device, self.dtype))
         embeddings = csd.style(pixels)
         return style_loss(embeddings, self.reference.to(embeddings)).sum()
 

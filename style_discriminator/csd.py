@@ -85,8 +85,10 @@ class CSDModel(torch.nn.Module):
 
 
 def preprocess(images: torch.Tensor, size: int = 224) -> torch.Tensor:
-    """CSD's preprocessing, differentiable: bicubic resize of the shorter side to `size`
-    (antialiased, as torchvision's Resize), centre crop, CLIP mean/std.
+    """CSD's evaluation preprocessing (learn2phoenix/CSD and InstantStyle-Plus's reference
+    embeddings), differentiable: bicubic resize of the shorter side to `size` (antialiased, as
+    torchvision's Resize), centre crop, CLIP mean/std. Used for reference embeddings and the
+    similarity node; guidance scores its decoded predictions with `guidance_preprocess`.
 
     Shapes: images [N, H, W, C] in [0, 1] (ComfyUI IMAGE) -> [N, 3, size, size].
     """
@@ -97,6 +99,26 @@ def preprocess(images: torch.Tensor, size: int = 224) -> torch.Tensor:
         new_h, new_w = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
         x = F.interpolate(x, size=(new_h, new_w), mode="bicubic", antialias=True, align_corners=False)
         top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))  # as CenterCrop
+        x = x[..., top:top + size, left:left + size]
+    mean = torch.tensor(CLIP_MEAN, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def guidance_preprocess(images: torch.Tensor, size: int = 224) -> torch.Tensor:
+    """The preprocessing InstantStyle-Plus's guidance applies to its decoded prediction,
+    differentiable: `transforms.Resize(size)` on a tensor (bilinear, antialiased, shorter side to
+    `size`), no crop, CLIP mean/std. The official code only ever feeds square images (a ViT with a
+    fixed position table takes no other); a non-square one is centre-cropped here (ours).
+
+    Shapes: images [N, H, W, C] in [0, 1] (ComfyUI IMAGE) -> [N, 3, size, size].
+    """
+    x = images[..., :3].movedim(-1, 1)
+    h, w = x.shape[-2:]
+    if (h, w) != (size, size):
+        new_h, new_w = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
+        x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False)
+        top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
         x = x[..., top:top + size, left:left + size]
     mean = torch.tensor(CLIP_MEAN, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(CLIP_STD, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)

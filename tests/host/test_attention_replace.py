@@ -63,3 +63,33 @@ def test_device_moves_reach_the_wrapped_patch(sdxl):
     outer = install_replace(m, "attn2", LAYER, lambda prev: AddConstant(prev, 1.0))
     m.model_patches_to(torch.device("cpu"))
     assert inner.devices == ["cpu"] and outer.devices == ["cpu"]
+
+
+def test_an_attention_override_in_transformer_options_still_runs_on_our_patched_layers(sd15):
+    # The override slot (DESIGN §6) wraps core's attention functions; our plain path must reach
+    # it with the layer's transformer options and attn_precision, as core's own attention does.
+    import comfy.samplers
+
+    from stylekit.host.block_map import block_map
+    from stylekit.tests.host.sharing_support import encode, sample
+
+    m = sd15.model.clone()
+    layers = block_map(m).layers()
+    for layer in layers:
+        install_replace(m, "attn1", layer, lambda prev: AddConstant(prev, 0.0))
+    seen = []
+
+    def override(func, *args, **kwargs):
+        q, k = args[0], args[1]
+        options = kwargs["transformer_options"]
+        if k.shape[1] != 77:  # self-attention: only our patched attn1 layers run it
+            seen.append((options["block"], options["block_index"], "attn_precision" in kwargs))
+        return func(*args, **kwargs)
+
+    m.model_options["transformer_options"]["optimized_attention_override"] = override
+    positive, negative = encode(sd15.clip, "waves"), encode(sd15.clip, "")
+    with_override = sample(m, positive, negative, batch=1, steps=1)
+    assert len(seen) == len(layers) and all(has_precision for *_, has_precision in seen)
+    assert {(block, index) for block, index, _ in seen} == {(layer[:2], layer[2]) for layer in layers}
+    del m.model_options["transformer_options"]["optimized_attention_override"]
+    assert torch.equal(with_override, sample(m, positive, negative, batch=1, steps=1))

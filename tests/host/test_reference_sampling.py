@@ -49,17 +49,38 @@ def setup(sd15):
     return sd15, positive, negative, reference_positive, reference, trajectory
 
 
-def test_row_zero_replays_the_trajectory_with_the_official_pinning(setup):
+def recording_unet_inputs(model):
+    """A clone recording (sigma, the UNet's input x/√(1+σ²) for the first row of every chunk)."""
+    m = model.clone()
+    calls = []
+
+    def wrapper(executor, x, t, c_concat, c_crossattn, control, transformer_options, *args, **kwargs):
+        sigma = t.view(-1, 1, 1, 1)
+        unet_input = m.model.model_sampling.calculate_input(sigma, x)
+        calls.append((float(t[0]), [unet_input[c.rows][0].clone() for c in chunks(transformer_options, x.shape[0])]))
+        return executor(x, t, c_concat, c_crossattn, control, transformer_options, *args, **kwargs)
+
+    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "test_unet_inputs", wrapper)
+    m.calls = calls
+    return m
+
+
+@pytest.mark.parametrize("offset", [2, 5])
+def test_row_zero_gets_the_official_latents_as_unet_input(setup, offset):
+    # Official (make_inversion_callback): row 0 starts at zts[offset]; after step i it is set to
+    # zts[max(offset + 1, i + 1)]; the UNet sees that DDIM latent as it is at the step's timestep.
     sd15, positive, negative, reference_positive, _, trajectory = setup
-    m = recording_rows(sd15.model)
-    sample_with_reference(m, TrajectoryReference(trajectory, offset=2), positive, negative, reference_positive,
+    m = recording_unet_inputs(sd15.model)
+    sample_with_reference(m, TrajectoryReference(trajectory, offset=offset), positive, negative, reference_positive,
                           torch.zeros(2, 4, 8, 8), trajectory.sigmas, seed=1, cfg=10.0, sampler_name="euler")
-    scale = sd15.model.model.latent_format.scale_factor
+    process_in = sd15.model.model.process_latent_in
+    zts = [process_in(x) / (1 + float(s) ** 2) ** 0.5 for x, s in zip(trajectory.latents, trajectory.sigmas)]
+    fed = [offset] + [max(offset + 1, i + 1) for i in range(trajectory.steps - 1)]
     assert len(m.calls) == trajectory.steps
     for step, (sigma, rows) in enumerate(m.calls):
         assert sigma == pytest.approx(float(trajectory.sigmas[step]), rel=1e-5)
-        want = trajectory.latents[{0: 2, 1: 3, 2: 3}.get(step, step)] * scale   # offset 2: zts[2], then zts[3]...
-        assert len(rows) == 2 and all(torch.allclose(r, want[0], atol=1e-5) for r in rows)
+        want = zts[min(fed[step], trajectory.steps)][0]
+        assert len(rows) == 2 and all(torch.allclose(r, want, atol=1e-5) for r in rows)
 
 
 def test_between_schedule_points_multistage_samplers_get_the_interpolated_path(setup):
@@ -138,6 +159,51 @@ def test_colour_calibration_gives_each_image_the_reference_channel_statistics(sd
     assert torch.allclose(inside[1:], match_channel_stats(denoised[1:], cond[:1]))
     outside = guider._post_cfg({"denoised": denoised, "cond_denoised": cond, "sigma": torch.tensor([5.0])})
     assert torch.equal(outside[1:], denoised[1:])
+
+
+def official_calibrated_ddim_step(z, eps, alpha, alpha_prev):
+    """VSP's scheduling_ddim.py step inside the window: predicted x0 of every row fitted per channel
+    to row 0's (unbiased std + 1e-8), then the DDIM step (η = 0) with the predicted noise kept."""
+    x0 = (z - (1 - alpha) ** 0.5 * eps) / alpha ** 0.5
+    ref = x0[:1]
+    x0 = (x0 - x0.mean(dim=(2, 3), keepdim=True)) / (x0.std(dim=(2, 3), keepdim=True) + 1e-8)
+    x0 = x0 * ref.std(dim=(2, 3), keepdim=True) + ref.mean(dim=(2, 3), keepdim=True)
+    return alpha_prev ** 0.5 * x0 + (1 - alpha_prev) ** 0.5 * eps
+
+
+@pytest.mark.parametrize("sampler_name", ["euler", "ddim"])
+def test_the_calibrated_step_is_the_official_ddim_step(setup, sampler_name):
+    from stylekit.host.schedule import percent_window
+
+    sd15, positive, negative, reference_positive, reference, _ = setup
+    sigmas = schedule(sd15.model, "ddim_uniform", 50)[42:44]   # t = 141 -> 121, inside 100 < t < 150
+    window = percent_window(sd15.model, 0.85, 0.9)
+    assert window.contains(float(sigmas[0]))
+    m = sd15.model.clone()
+    seen = {}
+
+    def record(args):  # runs before the guider's own hook: the guided prediction before calibration
+        seen.update(x=args["input"].clone(), denoised=args["denoised"].clone(), cond=args["cond_denoised"].clone())
+        return args["denoised"]
+
+    m.set_model_sampler_post_cfg_function(record)
+    out = sample_with_reference(m, NoisedReference(reference, seed=4), positive, negative, reference_positive,
+                                torch.zeros(2, 4, 8, 8), sigmas, seed=4, cfg=7.0, sampler_name=sampler_name,
+                                colour_window=window, cond_only_reference=True)
+    sigma, sigma_next = float(sigmas[0]), float(sigmas[1])
+    x, denoised = seen["x"].double(), seen["denoised"].double()
+    denoised[:1] = seen["cond"][:1].double()                  # official: row 0 uses its text prediction
+    eps = (x - denoised) / sigma
+    alpha, alpha_prev = 1 / (1 + sigma ** 2), 1 / (1 + sigma_next ** 2)
+    want = official_calibrated_ddim_step(x * alpha ** 0.5, eps, alpha, alpha_prev) / alpha_prev ** 0.5
+    got = sd15.model.model.process_latent_in(out).double()
+    assert relative_error(got, want[1:]) < 1e-5
+    # In sigma terms that is x' = x0_cal + σ'·ε; an Euler step on the calibrated x0 alone (the
+    # denoised output replaced, the noise derived from it) lands elsewhere.
+    x0_cal = match_channel_stats(denoised[1:], denoised[:1])
+    assert relative_error(x0_cal + sigma_next * eps[1:], want[1:]) < 1e-5
+    naive = x0_cal + (x[1:] - x0_cal) / sigma * (sigma_next - sigma)
+    assert relative_error(naive, want[1:]) > 1e-2
 
 
 def test_a_reference_of_another_size_is_refused_clearly(setup):

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stylekit.style_discriminator.csd import preprocess
+from stylekit.style_discriminator.csd import guidance_preprocess, preprocess
 from stylekit.style_discriminator.files import (StyleDiscriminatorFileError, load_style_discriminator,
                                                 read_style_discriminator)
 from stylekit.tests.fixtures.registry import CSD_CHECKPOINT, CSD_SAFETENSORS, IP_ADAPTER_SD15
@@ -82,6 +82,19 @@ def test_preprocessing_matches_torchvision_resize_crop_normalize(comfy_host):
         transforms.Normalize((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
     ])(images.movedim(-1, 1))
     torch.testing.assert_close(preprocess(images), reference, rtol=1e-5, atol=1e-5)
+
+
+def test_guidance_preprocessing_is_the_official_guidance_codes_resize_and_normalize(comfy_host):
+    # InstantStyle-Plus cond_fn: clip_model(normalize(transforms.Resize(224)(image))) on the
+    # decoded tensor: bilinear (antialiased), shorter side to 224, no crop.
+    from torchvision import transforms
+
+    images = torch.rand(1, 128, 128, 3, generator=torch.Generator().manual_seed(3))
+    official = transforms.Normalize((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))(
+        transforms.Resize(224)(images.movedim(-1, 1)))
+    torch.testing.assert_close(guidance_preprocess(images), official, rtol=1e-5, atol=1e-5)
+    # It is not the evaluation preprocessing (bicubic): the two differ.
+    assert (guidance_preprocess(images) - preprocess(images)).abs().max() > 1e-3
 
 
 def test_a_file_that_is_not_csd_is_refused_with_the_reason(comfy_host):

@@ -85,7 +85,7 @@ def _similarity(csd, vae, latent, reference) -> torch.Tensor:
 def test_guidance_raises_the_style_similarity_for_five_seeds(sd15, csd):
     reference = _style_image()
     positive, negative = encode(sd15.clip, "a house"), encode(sd15.clip, "")
-    settings = StyleGuidanceSettings(scale=5000.0, decoder=VAE_DECODER)
+    settings = StyleGuidanceSettings(scale=5000.0, decoder=VAE_DECODER, mode=FAST)
     guided = apply_style_guidance(sd15.model, csd, reference, settings, vae=sd15.vae)
     gains = []
     for seed in range(5):
@@ -119,7 +119,7 @@ def test_every_k_steps_guides_the_steps_of_the_schedule_that_are_multiples_of_k(
 
 def test_guidance_runs_on_sdxl_with_taesdxl_and_changes_the_result(sdxl, csd):
     positive, negative = encode(sdxl.clip, "a house"), encode(sdxl.clip, "")
-    guided = apply_style_guidance(sdxl.model, csd, _style_image(), StyleGuidanceSettings(scale=1000.0, every=2))
+    guided = apply_style_guidance(sdxl.model, csd, _style_image(), StyleGuidanceSettings(scale=1000.0, every=2, mode=FAST))
     a = sample(guided, positive, negative, batch=1, seed=1, steps=2)
     b = sample(sdxl.model, positive, negative, batch=1, seed=1, steps=2)
     assert torch.isfinite(a).all() and not torch.equal(a, b)
@@ -175,3 +175,41 @@ def test_no_autograd_graph_outlives_a_guided_step(sd15, csd):
     comfy.sample.sample(guided, noise, 4, 5.0, "euler", "normal", positive, negative, latent, disable_pbar=True,
                         seed=0, callback=lambda step, x0, x, total: live_during.append(_live_graph_tensors()))
     assert live_during and max(live_during) == before and _live_graph_tensors() == before
+
+
+def gradient_agreement(checkpoint, csd, steps: int = 10, seed: int = 2) -> list[tuple[float, float, float]]:
+    """(sigma, cosine, norm ratio fast/exact) of the two modes' ∂L/∂x at every step of a real
+    sampling run (euler, `normal` schedule, cfg 5, TAESD decoder), both at the same x."""
+    decoder = taesd_decoder(checkpoint.model)
+    reference = csd.style_embeddings(_style_image())
+    hooks = {mode: StyleGuidance(csd, decoder, reference, StyleGuidanceSettings(scale=1.0, mode=mode),
+                                 SigmaWindow.always()) for mode in (FAST, EXACT)}
+    rows = []
+
+    def probe(args):
+        options = dict(args["model_options"])
+        options["sampler_post_cfg_function"] = [f for f in options.get("sampler_post_cfg_function", [])
+                                                if f is not probe]
+        args = dict(args, model_options=options)
+        fast, exact = (hooks[mode].gradient(args).double().flatten() for mode in (FAST, EXACT))
+        cosine = float(fast @ exact / (fast.norm() * exact.norm()))
+        rows.append((float(args["sigma"].flatten()[0]), cosine, float(fast.norm() / exact.norm())))
+        return args["denoised"]
+
+    m = checkpoint.model.clone()
+    m.set_model_sampler_post_cfg_function(probe)
+    positive, negative = encode(checkpoint.clip, "a house"), encode(checkpoint.clip, "")
+    sample(m, positive, negative, batch=1, seed=seed, steps=steps)
+    return rows
+
+
+def test_fast_and_exact_gradients_compared_across_the_schedule(sd15, csd):
+    # The README's table comes from this run (print with -s).
+    rows = gradient_agreement(sd15, csd)
+    print("\n| sigma | cosine(fast, exact) | norm fast / exact |\n|---|---|---|")
+    for sigma, cosine, ratio in rows:
+        print(f"| {sigma:.3f} | {cosine:.3f} | {ratio:.3g} |")
+    assert len(rows) == 10 and all(math.isfinite(c) and math.isfinite(r) for _, c, r in rows)
+    # The default mode's gradient agrees with exact: cosine >= 0.8 and norm within 2x at every sigma.
+    fast_agrees = all(c >= 0.8 and 0.5 <= r <= 2.0 for _, c, r in rows)
+    assert StyleGuidanceSettings().mode == EXACT or fast_agrees

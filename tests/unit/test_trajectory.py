@@ -35,14 +35,19 @@ def test_step_position_finds_schedule_points_and_points_between_them():
     assert step_position(sigmas, 0.0) == (3, 0.0)
 
 
-def test_the_reference_is_pinned_then_interpolated_along_the_trajectory():
+def test_the_model_sees_the_official_latent_while_pinned_and_the_path_between_points():
+    # ComfyUI's model input is x/√(1+σ²); the official UNet input is the DDIM latent zts[k] itself.
     sigmas = torch.tensor([8.0, 6.0, 4.0, 2.0, 0.0])
-    latents = torch.arange(5.0).view(5, 1, 1, 1, 1).expand(5, 1, 4, 2, 2)
-    at = lambda sigma, offset: float(reference_latent(latents, sigmas, sigma, offset).flatten()[0])
-    assert [at(s, 1) for s in (8.0, 6.0, 4.0, 2.0)] == [1.0, 2.0, 2.0, 3.0]
-    assert at(5.0, 1) == 2.0          # pinned step: no interpolation
-    assert at(3.0, 1) == 2.5          # free step: halfway from state 2 to state 3
-    assert at(7.0, 0) == 0.5          # offset 0: a pure replay, interpolated from the start
+    latents = torch.randn(5, 1, 4, 2, 2, generator=torch.Generator().manual_seed(0))
+    z = latents / (1 + sigmas.view(5, 1, 1, 1, 1) ** 2).sqrt()
+    model_input = lambda sigma, offset: reference_latent(latents, sigmas, sigma, offset) / (1 + sigma ** 2) ** 0.5
+    for offset in (0, 1, 2):
+        for step, k in enumerate(official_schedule(4, offset)):
+            assert torch.allclose(model_input(float(sigmas[step]), offset), z[k], atol=1e-6)
+    assert torch.allclose(model_input(5.0, 1), z[2], atol=1e-6)      # pinned step between points: still zts[2]
+    half = reference_latent(latents, sigmas, 3.0, 1)                 # free step: halfway along the path
+    assert torch.allclose(half, (latents[2] + latents[3]) / 2, atol=1e-6)
+    assert torch.allclose(reference_latent(latents, sigmas, 7.0, 0), (latents[0] + latents[1]) / 2, atol=1e-6)
 
 
 def test_a_trajectory_needs_one_latent_per_sigma():
