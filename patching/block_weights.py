@@ -29,6 +29,7 @@ import re
 from typing import Union
 
 from .block_map import AttentionSite, BlockMap, LayerId
+from .echo import echo
 
 Spec = Union[dict, float, int, None]
 
@@ -71,18 +72,26 @@ def preset_spec(bm: BlockMap, preset: str) -> Spec:
     return _PRESET_SPECS[topology(bm)][preset]
 
 
+# The longest spec text read: a per-depth list for every SDXL layer is ~1,000 characters. Checked
+# before parsing, so a megabyte of text is refused at once.
+MAX_SPEC_CHARS = 20_000
+
+
 def parse_spec(text: str) -> Spec:
     """A block weight spec from text: JSON or a Python literal; empty text is None."""
+    if len(text) > MAX_SPEC_CHARS:
+        raise BlockWeightsError(f"the text is {len(text)} characters long, beyond the limit of {MAX_SPEC_CHARS}; "
+                                "name blocks in a short dict such as {\"output 1\": 1.0}")
     text = text.strip()
     if not text:
         return None
     try:
         return json.loads(text)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         pass
     try:
         return ast.literal_eval(text)
-    except (ValueError, SyntaxError) as err:
+    except (ValueError, SyntaxError, RecursionError, MemoryError) as err:
         raise BlockWeightsError(f"cannot read it as JSON or a Python dict ({err.__class__.__name__}: {err})") from None
 
 
@@ -91,7 +100,7 @@ WEIGHT_RANGE = (-1.0, 5.0)   # as the apply nodes' global weight: beyond it the 
 
 def _number(value, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise BlockWeightsError(f"{where}: expected a number, got {value!r}")
+        raise BlockWeightsError(f"{where}: expected a number, got {echo(value)}")
     low, high = WEIGHT_RANGE
     if not low <= value <= high:  # also refuses NaN
         raise BlockWeightsError(f"{where}: weight {value} is out of range; use {low} to {high}")
@@ -140,9 +149,9 @@ def _diffusers_form(bm: BlockMap, spec: dict) -> dict[LayerId, float]:
             match = re.fullmatch(r"block_(\d+)", str(name))
             if not match or int(match[1]) not in blocks:
                 have = ", ".join(f"block_{b}" for b in blocks)
-                raise BlockWeightsError(f"'{side}.{name}': {side}_blocks with attention in this model are {have}")
+                raise BlockWeightsError(f"{echo(f'{side}.{name}')}: {side}_blocks with attention in this model are {have}")
             sites = blocks[int(match[1])]
-            where = f"'{side}.{name}'"
+            where = echo(f"{side}.{name}")
             if isinstance(per_block, (list, tuple)) and len(per_block) != 1:
                 if len(per_block) != len(sites):
                     raise BlockWeightsError(f"{where}: {side}_blocks.{match[1]} has {len(sites)} attentions, "
@@ -157,17 +166,20 @@ def _diffusers_form(bm: BlockMap, spec: dict) -> dict[LayerId, float]:
 
 def _named_sites(bm: BlockMap, name: str) -> list[AttentionSite]:
     """Sites named by a ComfyUI id ("output 1", "middle") or a diffusers name or prefix."""
-    match = re.fullmatch(r"\s*(input|middle|output)[\s_]*(\d*)\s*", name)
+    # Stripped first, then one anchored pattern with a single whitespace run: linear in the
+    # length of the name (two adjacent runs backtrack quadratically on a long run of spaces).
+    name = name.strip()
+    match = re.fullmatch(r"(input|middle|output)[\s_]*(\d*)", name)
     if match:
         number = int(match[2]) if match[2] else 0
         found = [s for s in bm if s.block == (match[1], number)]
     else:
-        prefix = name.strip().rstrip(".")
+        prefix = name.rstrip(".")
         prefix = {"mid": "mid_block", "mid_block": "mid_block"}.get(prefix, prefix)
         found = [s for s in bm if s.diffusers_name == prefix or s.diffusers_name.startswith(prefix + ".")]
     if not found:
         known = ", ".join(f"{s.block[0]} {s.block[1]}" for s in bm)
-        raise BlockWeightsError(f"'{name}' names no attention block of this model; it has {known} "
+        raise BlockWeightsError(f"{echo(name)} names no attention block of this model; it has {known} "
                                 "(or their diffusers names, see StyleKit Block Map)")
     return found
 
@@ -176,7 +188,7 @@ def _named_form(bm: BlockMap, spec: dict) -> dict[LayerId, float]:
     weights: dict[LayerId, float] = {}
     for name, value in spec.items():
         for site in _named_sites(bm, str(name)):
-            weights.update(_site_weights(site, value, f"'{name}'"))
+            weights.update(_site_weights(site, value, echo(str(name))))
     return weights
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 
 from .block_map import BlockId, BlockMap, LayerId, block_map
+from .echo import echo
 
 ALL = "all"
 UP_ONLY = "up blocks only"
@@ -16,6 +17,7 @@ VSP_DEFAULT = "highest-resolution up block"
 CUSTOM = "custom"
 
 _COMFY_ID = re.compile(r"^(input|middle|output)[\s_]*(\d+)?$")
+MAX_LIST_CHARS = 4_000   # every SDXL block by diffusers name is ~600 characters; checked before parsing
 
 
 def highest_resolution_up_block(bmap: BlockMap) -> tuple[BlockId, ...]:
@@ -31,6 +33,9 @@ def highest_resolution_up_block(bmap: BlockMap) -> tuple[BlockId, ...]:
 
 def parse_blocks(text: str, bmap: BlockMap) -> tuple[BlockId, ...]:
     """Blocks named in a comma- or newline-separated list; ValueError names any unknown entry."""
+    if len(text) > MAX_LIST_CHARS:
+        raise ValueError(f"the block list is {len(text)} characters long, beyond the limit of {MAX_LIST_CHARS}; "
+                         "name blocks such as 'output 3, output 4'")
     chosen: list[BlockId] = []
     for raw in re.split(r"[,;\n]+", text):
         entry = raw.strip().lower()
@@ -44,7 +49,7 @@ def parse_blocks(text: str, bmap: BlockMap) -> tuple[BlockId, ...]:
             found = [s.block for s in bmap if s.diffusers_name == entry or s.diffusers_name.startswith(entry + ".")]
         if not found:
             known = ", ".join(f"{b} {n}" for b, n in (s.block for s in bmap))
-            raise ValueError(f"'{raw.strip()}' is not an attention block of this model; it has: {known} "
+            raise ValueError(f"{echo(raw.strip())} is not an attention block of this model; it has: {known} "
                              "(diffusers names such as up_blocks.1 work too)")
         chosen.extend(b for b in found if b not in chosen)
     if not chosen:

@@ -19,6 +19,8 @@ import torch
 from comfy.ldm.modules.attention import SpatialTransformer
 
 from ..patching.block_map import AttentionSite, BlockMap, block_map
+from ..patching.echo import echo
+from ..patching.layer_select import MAX_LIST_CHARS
 
 ALL_ATTENTION = "all attention"
 BLORA_CONTENT_STYLE = "B-LoRA content + style"
@@ -42,6 +44,9 @@ def _unet(model) -> torch.nn.Module:
 
 def parse_block_list(text: str, blocks: BlockMap) -> list[AttentionSite]:
     """Sites named in `text`; raises ValueError naming the first unknown item and what exists."""
+    if len(text) > MAX_LIST_CHARS:
+        raise ValueError(f"the block list is {len(text)} characters long, beyond the limit of {MAX_LIST_CHARS}; "
+                         "name blocks such as 'output 1'")
     sites: list[AttentionSite] = []
     for item in (part.strip() for part in re.split(r"[,\n]", text)):
         if not item:
@@ -52,7 +57,7 @@ def parse_block_list(text: str, blocks: BlockMap) -> list[AttentionSite]:
                     else blocks.by_diffusers_name(item.removeprefix("unet.")))
         except KeyError:
             known = ", ".join(f"{s.block[0]} {s.block[1]} ({s.diffusers_name})" for s in blocks)
-            raise ValueError(f"no attention block {item!r} in this model; it has: {known}") from None
+            raise ValueError(f"no attention block {echo(item)} in this model; it has: {known}") from None
         if site not in sites:
             sites.append(site)
     if not sites:
