@@ -12,13 +12,19 @@ from ..training.errors import InputError
 from ..training.lora_file import load_lora_file, normalized_lora_name
 from ..training.targets import ALL_ATTENTION, BLOCK_LIST, BLORA_CONTENT_STYLE, PRESETS
 from ..training.trainer import TrainSettings
-from ._common import category, check_images
+from ._common import MAX_REFERENCES, category, check_images, check_pixels
 
 CATEGORY = category("training")
 LoraModel = io.Custom("LORA_MODEL")  # core's type for LoRA weights in the graph (nodes_train.py)
 
 
+MAX_WORD_CHARS = 200   # an identifier or class noun: a few words, one CLIP chunk
+
+
 def _text(name: str, value: str, node: str) -> str:
+    if len(value) > MAX_WORD_CHARS:
+        raise ValueError(f"{node}: input '{name}': {len(value)} characters, beyond the limit of {MAX_WORD_CHARS}; "
+                         "enter a word or two")
     if not value.strip():
         raise ValueError(f"{node}: input '{name}' is empty; enter a word")
     return value.strip()
@@ -96,6 +102,7 @@ class StyleKitClassImages(io.ComfyNode):
     def execute(cls, model, clip, vae, class_noun, count, width, height, steps, cfg, sampler_name, scheduler,
                 seed, batch_size) -> io.NodeOutput:
         noun = _text("class_noun", class_noun, cls.DISPLAY)
+        check_pixels(cls.DISPLAY, "count", count, height, width)
         images = sample_class_images(model, clip, vae, f"a {noun}", count, width, height, steps, cfg,
                                      sampler_name, scheduler, seed, batch_size)
         return io.NodeOutput(images)
@@ -154,8 +161,11 @@ class StyleKitDreamBoothTrain(io.ComfyNode):
         token = _text("identifier", identifier, cls.DISPLAY)
         noun = _text("class_noun", class_noun, cls.DISPLAY)
         _lora_name(lora_name, cls.DISPLAY)
-        check_images(cls.DISPLAY, "images", images)
+        check_images(cls.DISPLAY, "images", images, MAX_REFERENCES)
         check_images(cls.DISPLAY, "prior_images", prior_images)
+        for name, batch in (("images", images), ("prior_images", prior_images)):
+            if batch is not None:
+                check_pixels(cls.DISPLAY, name, *batch.shape[:3])
         if prior_weight > 0 and prior_images is None:
             raise ValueError(f"{cls.DISPLAY}: input 'prior_images': prior_weight {prior_weight} needs class images; "
                              "connect StyleKit DreamBooth Class Images, or set prior_weight to 0")

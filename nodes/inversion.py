@@ -7,6 +7,9 @@ from comfy_api.latest import io
 from ..sampling.inversion import invert, schedule
 from ._common import Trajectory, category, check_latent
 
+# The trajectory keeps x at every step in host RAM (fp32): steps x latent size is bounded.
+MAX_TRAJECTORY_BYTES = 2 << 30
+
 NAME = "StyleKit DDIM Inversion"
 
 
@@ -48,6 +51,12 @@ class StyleKitDDIMInversion(io.ComfyNode):
     def execute(cls, model, positive, negative, latent_image, steps, cfg, scheduler,
                 fixed_point_iterations) -> io.NodeOutput:
         check_latent(NAME, "latent_image", latent_image)
+        size = (steps + 1) * latent_image["samples"].numel() * 4
+        if size > MAX_TRAJECTORY_BYTES:
+            raise ValueError(f"{NAME}: input 'steps': {steps} steps of a {tuple(latent_image['samples'].shape)} latent "
+                             f"make a trajectory of {size / 2**30:.1f} GiB, beyond the limit of "
+                             f"{MAX_TRAJECTORY_BYTES / 2**30:.0f} GiB; use fewer steps (50 is official) or a "
+                             "smaller latent")
         try:
             trajectory = invert(model, latent_image["samples"], positive, negative,
                                 schedule(model, scheduler, steps), cfg=cfg,

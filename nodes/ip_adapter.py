@@ -16,7 +16,7 @@ from ..ip_adapter.files import ip_adapter_files, load_ip_adapter
 from ..ip_adapter.model import IPAdapterFileError
 from ..patching.block_weights import ALL, CUSTOM, PRESETS, BlockWeightsError
 from ..patching.ip_adapter import AdapterMismatch, IPAdapterSettings, apply_ip_adapter_embeds
-from ._common import category, check_images
+from ._common import MAX_REFERENCES, category, check_images
 
 IPAdapterType = io.Custom("STYLEKIT_IPADAPTER")
 ImageEmbedsType = io.Custom("STYLEKIT_IMAGE_EMBEDS")
@@ -134,8 +134,8 @@ class StyleKitIPAdapterEncode(io.ComfyNode):
 
     @classmethod
     def execute(cls, ipadapter, clip_vision, image, crop, negative_image=None) -> io.NodeOutput:
-        check_images("StyleKit IP-Adapter Encode", "image", image)
-        check_images("StyleKit IP-Adapter Encode", "negative_image", negative_image)
+        check_images("StyleKit IP-Adapter Encode", "image", image, MAX_REFERENCES)
+        check_images("StyleKit IP-Adapter Encode", "negative_image", negative_image, MAX_REFERENCES)
         node = "StyleKit IP-Adapter Encode"
         try:
             check_clip_vision(ipadapter, clip_vision)
@@ -199,8 +199,8 @@ class StyleKitIPAdapter(io.ComfyNode):
     def execute(cls, model, ipadapter, clip_vision, image, weight, start_percent, end_percent, blocks, block_weights,
                 combine, negative_image=None, attn_mask=None) -> io.NodeOutput:
         node = "StyleKit IP-Adapter"
-        check_images(node, "image", image)
-        check_images(node, "negative_image", negative_image)
+        check_images(node, "image", image, MAX_REFERENCES)
+        check_images(node, "negative_image", negative_image, MAX_REFERENCES)
         settings = settings_from_inputs(node, weight, start_percent, end_percent, blocks, block_weights, combine,
                                         attn_mask)
         try:

@@ -166,12 +166,13 @@ def _diffusers_form(bm: BlockMap, spec: dict) -> dict[LayerId, float]:
 
 def _named_sites(bm: BlockMap, name: str) -> list[AttentionSite]:
     """Sites named by a ComfyUI id ("output 1", "middle") or a diffusers name or prefix."""
-    # Stripped first, then one anchored pattern with a single whitespace run: linear in the
-    # length of the name (two adjacent runs backtrack quadratically on a long run of spaces).
+    # Stripped first, then one anchored pattern whose separator run is matched atomically (the
+    # lookahead + backreference idiom; possessive quantifiers need Python 3.11): linear in the
+    # name's length, no backtracking into a long run of spaces.
     name = name.strip()
-    match = re.fullmatch(r"(input|middle|output)[\s_]*(\d*)", name)
+    match = re.fullmatch(r"(input|middle|output)(?=([\s_]*))\2(\d*)", name)
     if match:
-        number = int(match[2]) if match[2] else 0
+        number = int(match[3]) if match[3] else 0
         found = [s for s in bm if s.block == (match[1], number)]
     else:
         prefix = name.rstrip(".")

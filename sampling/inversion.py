@@ -36,7 +36,7 @@ def sample_ddim_inversion(model, x, sigmas, extra_args=None, callback=None, disa
     extra_args = {} if extra_args is None else extra_args
     s_in = x.new_ones([x.shape[0]])
     if trajectory is not None:
-        trajectory.append(x)
+        trajectory.append(x.cpu())  # off the device as stored: up to steps x latent, untracked by core
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = model(x, sigma_next * s_in, **extra_args)
@@ -48,7 +48,7 @@ def sample_ddim_inversion(model, x, sigmas, extra_args=None, callback=None, disa
             callback({"x": x, "i": i, "sigma": sigma_next, "sigma_hat": sigma_next, "denoised": denoised})
         x = x_next
         if trajectory is not None:
-            trajectory.append(x)
+            trajectory.append(x.cpu())
     return x
 
 
