@@ -43,7 +43,10 @@ def _train(node: str, job: TrainingJob, model, clip, vae, images, prior_images=N
     except InputError as err:
         raise ValueError(f"{node}: input '{err.input}': {err}") from None
     last = outcome.losses[-1]
-    summary = (f"saved models/loras/{normalized_lora_name(job.lora_name)} ({len(outcome.lora) // 3} LoRA layers)\n"
+    import folder_paths
+
+    saved = outcome.path.relative_to(folder_paths.get_folder_paths("loras")[0]).as_posix()
+    summary = (f"saved models/loras/{saved} ({len(outcome.lora) // 3} LoRA layers)\n"
                f"last step: subject loss {last.subject:.4f}" + (f", prior loss {last.prior:.4f}" if last.prior_weight else ""))
     return io.NodeOutput(outcome.model, outcome.lora, outcome.loss_curve, ui=ui.PreviewText(summary))
 
@@ -55,8 +58,15 @@ def _seed_input() -> io.Int.Input:
 
 def _lora_name_input(default: str) -> io.String.Input:
     return io.String.Input("lora_name", default=default,
-                           tooltip="File name under models/loras (.safetensors is added). An existing file of "
-                                   "that name is replaced once training has finished; a cancelled run writes nothing.")
+                           tooltip="File name under models/loras (.safetensors is added). If that file exists, the "
+                                   "LoRA is saved as name_00001_.safetensors (the next free number) unless overwrite "
+                                   "is on; a cancelled or failed run writes nothing.")
+
+
+def _overwrite_input() -> io.Boolean.Input:
+    return io.Boolean.Input("overwrite", default=False, optional=True,
+                            tooltip="Replace an existing LoRA of that name, but only one StyleKit trained (its "
+                                    "metadata says so); any other file is never replaced. Off: a numbered name.")
 
 
 def _training_outputs() -> list:
@@ -148,6 +158,7 @@ class StyleKitDreamBoothTrain(io.ComfyNode):
                                         "('up_blocks.0.attentions.1'), comma separated. See StyleKit Block Map."),
                 _seed_input(),
                 _lora_name_input("StyleKit/dreambooth_sks_dog"),
+                _overwrite_input(),
                 io.Image.Input("prior_images", optional=True,
                                tooltip="Class images from StyleKit DreamBooth Class Images (or your own); "
                                        "needed when prior_weight > 0."),
@@ -157,7 +168,7 @@ class StyleKitDreamBoothTrain(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, vae, images, identifier, class_noun, prior_weight, steps, learning_rate, rank,
-                target_blocks, block_list, seed, lora_name, prior_images=None) -> io.NodeOutput:
+                target_blocks, block_list, seed, lora_name, prior_images=None, overwrite=False) -> io.NodeOutput:
         token = _text("identifier", identifier, cls.DISPLAY)
         noun = _text("class_noun", class_noun, cls.DISPLAY)
         _lora_name(lora_name, cls.DISPLAY)
@@ -173,7 +184,7 @@ class StyleKitDreamBoothTrain(io.ComfyNode):
             raise ValueError(f"{cls.DISPLAY}: input 'block_list': empty while target_blocks is 'block list'; "
                              "name blocks such as 'output 1', or pick another preset")
         job = TrainingJob("DreamBooth", f"a {token} {noun}", f"a {noun}", target_blocks, block_list, lora_name,
-                          TrainSettings(steps, learning_rate, rank, prior_weight, seed))
+                          TrainSettings(steps, learning_rate, rank, prior_weight, seed), overwrite)
         return _train(cls.DISPLAY, job, model, clip, vae, images, prior_images)
 
 
@@ -202,17 +213,19 @@ class StyleKitBLoRATrain(io.ComfyNode):
                 io.Int.Input("rank", default=64, min=1, max=256, tooltip="LoRA rank (alpha = rank); the paper uses 64."),
                 _seed_input(),
                 _lora_name_input("StyleKit/blora"),
+                _overwrite_input(),
             ],
             outputs=_training_outputs(),
         )
 
     @classmethod
-    def execute(cls, model, clip, vae, image, identifier, steps, learning_rate, rank, seed, lora_name) -> io.NodeOutput:
+    def execute(cls, model, clip, vae, image, identifier, steps, learning_rate, rank, seed, lora_name,
+                overwrite=False) -> io.NodeOutput:
         token = _text("identifier", identifier, cls.DISPLAY)
         _lora_name(lora_name, cls.DISPLAY)
         check_images(cls.DISPLAY, "image", image)
         job = TrainingJob("B-LoRA", f"A {token}", None, BLORA_CONTENT_STYLE, "", lora_name,
-                          TrainSettings(steps, learning_rate, rank, 0.0, seed))
+                          TrainSettings(steps, learning_rate, rank, 0.0, seed), overwrite)
         return _train(cls.DISPLAY, job, model, clip, vae, image)
 
 
