@@ -51,6 +51,7 @@ class StyleKitPatchShuffle(io.ComfyNode):
 
     @classmethod
     def execute(cls, image, grid, seed) -> io.NodeOutput:
+        check_images("StyleKit Patch Shuffle", "image", image, MAX_REFERENCES)
         try:
             return io.NodeOutput(shuffle_patches(image, grid, seed))
         except ValueError as err:

@@ -128,3 +128,49 @@ def test_noised_reference_accepts_the_largest_seed():
 
     at = NoisedReference(torch.zeros(1, 4, 8, 8), 2**64 - 1).bind(lambda x: x, torch.tensor([2.0, 1.0, 0.0]))
     assert torch.isfinite(at(1.0)).all()
+
+
+def test_a_replaced_file_whose_mtime_was_restored_is_read_again(comfy_host, tmp_path):
+    import os
+
+    from stylekit.patching import model_files
+
+    folder = "stylekit_test_loaded_once"
+    reads = []
+    cache = model_files.LoadedOnce(folder, lambda path: reads.append(path) or object())
+    model_files.register_models_folder(folder)
+    import folder_paths
+
+    target = os.path.join(folder_paths.get_folder_paths(folder)[0], "model.bin")
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    try:
+        with open(target, "wb") as f:
+            f.write(b"version 1")
+        kept = cache.load("model.bin")
+        times = os.stat(target)
+        assert cache.load("model.bin") is kept and len(reads) == 1      # same version: one read
+        time.sleep(0.01)
+        with open(target, "wb") as f:                                    # same size, same inode...
+            f.write(b"version 2")
+        os.utime(target, ns=(times.st_atime_ns, times.st_mtime_ns))     # ... and the old mtime
+        assert cache.load("model.bin") is not kept and len(reads) == 2
+    finally:
+        os.unlink(target)
+
+
+def test_csd_preprocessing_of_a_1x16384_image_stays_small():
+    import torch
+
+    from stylekit.style_discriminator.csd import preprocess
+
+    out = preprocess(torch.rand(1, 1, 16384, 3))
+    assert out.shape == (1, 3, 224, 224) and torch.isfinite(out).all()
+
+
+def test_patch_shuffle_refuses_an_empty_batch(comfy_host):
+    import torch
+
+    from stylekit.nodes.styleadapter import StyleKitPatchShuffle
+
+    with pytest.raises(ValueError, match="StyleKit Patch Shuffle: input 'image': the image batch is empty"):
+        StyleKitPatchShuffle.execute(image=torch.zeros(0, 64, 64, 3), grid=2, seed=0)
