@@ -122,9 +122,15 @@ REPLACES_OPTION = "stylekit_patches_replace"
 _EXPOSE_KEY = "stylekit_expose_patches_replace"
 
 
-def _expose_replaces(executor, x, timesteps, context, y, control, transformer_options, *args, **kwargs):
-    options = {**transformer_options, REPLACES_OPTION: transformer_options.get("patches_replace", {})}
-    return executor(x, timesteps, context, y, control, options, *args, **kwargs)
+def _expose_replaces(executor, *args, **kwargs):
+    def exposed(options: dict) -> dict:
+        return {**options, REPLACES_OPTION: options.get("patches_replace", {})}
+
+    if isinstance(kwargs.get("transformer_options"), dict):
+        kwargs = {**kwargs, "transformer_options": exposed(kwargs["transformer_options"])}
+    elif len(args) > 5 and isinstance(args[5], dict):  # the UNet: (x, timesteps, context, y, control, options)
+        args = (*args[:5], exposed(args[5]), *args[6:])
+    return executor(*args, **kwargs)
 
 
 def install_replace(model_patcher, kind: Kind, layer: Layer,
