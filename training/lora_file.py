@@ -205,8 +205,9 @@ class LoraOutput:
             self._check_overwrite()
             fd, name = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=TEMPORARY_SUFFIX, dir=folder)
         except OSError as err:
-            raise OutputError(f"cannot write in {folder} ({err.strerror or err}); choose another name (a part of it "
-                              "may be an existing file)") from None
+            # The server's own paths stay out of the message: it goes back to whoever sent the prompt.
+            raise OutputError(f"cannot write {echo(self.path.name)} there ({err.strerror or type(err).__name__}); "
+                              "choose another name (a folder in it may be an existing file)") from None
         self._fd, self.temporary = fd, Path(name)
         _lock(fd)
         return self
