@@ -137,7 +137,10 @@ def test_a_replaced_file_whose_mtime_was_restored_is_read_again(comfy_host, tmp_
 
     folder = "stylekit_test_loaded_once"
     reads = []
-    cache = model_files.LoadedOnce(folder, lambda path: reads.append(path) or object())
+    class Loaded:   # a weak-referencable stand-in for a loaded model
+        pass
+
+    cache = model_files.LoadedOnce(folder, lambda path: reads.append(path) or Loaded())
     model_files.register_models_folder(folder)
     import folder_paths
 

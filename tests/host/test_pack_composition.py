@@ -76,9 +76,12 @@ def test_both_orders_apply_both_adapters(request, model_name):
     ours_then_theirs = _sample(checkpoint, apply_incumbent(ours(checkpoint.model), sdxl, hits["ours_first"]))
 
     assert hits["theirs_first"] == hits["ours_first"] == expected_keys   # theirs ran at every layer, both orders
-    torch.testing.assert_close(ours_then_theirs, theirs_then_ours, rtol=1e-4, atol=1e-4)  # same sum either way
-    for single in (only_ours, only_theirs):                                # ... and it is not one of them alone
-        assert (ours_then_theirs - single).abs().max() > 1e-3
+    # The same sum either way (up to float rounding: (a + d) + i against (a + i) + (a + d - a), over
+    # three steps) ...
+    order_gap = (ours_then_theirs - theirs_then_ours).abs().max()
+    torch.testing.assert_close(ours_then_theirs, theirs_then_ours, rtol=1e-3, atol=2e-3)
+    for single in (only_ours, only_theirs):  # ... and far from either adapter alone
+        assert (ours_then_theirs - single).abs().max() > 20 * order_gap + 1e-3
 
 
 def test_a_pack_appending_through_the_old_protocol_gets_an_error_naming_the_order_that_works(sd15):
