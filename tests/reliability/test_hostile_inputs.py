@@ -20,11 +20,10 @@ from . import prompts as p
 from .conftest import OUTCOMES
 
 ERROR, RUNS = "node error", "ran"
-# Whole-prompt bounds. Core caches only the last prompt's outputs, so a refused prompt may first
+# Whole-prompt bounds (Case.seconds, RSS_GROWTH_MB). Core caches only the last prompt's outputs, so a refused prompt may first
 # reload the loaders before the refusing node (an IP-Adapter and CLIP vision: 1-2 s and ~1 GB
 # here); the node's own check does no work (tests/host/test_hostile_inputs.py times the checks).
 # What these bounds tell apart is the attack: minutes of work or tens of GB before failing.
-REFUSAL_SECONDS = 5.0
 RSS_GROWTH_MB = 2048
 MAX_SEED = 2**64 - 1
 LORAS = BASE_DIR / "models" / "loras"
@@ -38,6 +37,7 @@ class Case:
     outcome: str = ERROR
     says: tuple[str, ...] = ()
     tags: list[str] = field(default_factory=list)
+    seconds: float = 5.0     # whole-prompt bound for a refusal (see REFUSAL_SECONDS)
 
 
 def _prompt_batch(text: str):
@@ -128,7 +128,8 @@ CASES = [
     Case("prompt batch: 300 lines", _prompt_batch("a lighthouse\n" * 300), says=(PB, "text", "limit of 256")),
     Case("block_weights: a 1 MB key", lambda: p.with_ip_adapter(
         seed=1, blocks="custom (block_weights)", block_weights='{"output' + " " * (1 << 20) + 'x": 1.0}'),
-         says=(IPA, "block_weights", "limit of 20000")),
+         says=(IPA, "block_weights", "limit of 20000"),
+         seconds=30.0),   # a 1 MB prompt: core's validation, /history and polling it take ~10 s here; the check itself < 0.1 s
     Case("custom_blocks: 40,000 spaces", lambda: p.with_style_aligned(
         seed=1, blocks="custom", custom_blocks="output" + " " * 40_000 + "x"),
          says=("StyleKit StyleAligned", "custom_blocks", "limit of 4000")),
@@ -214,7 +215,7 @@ def test_hostile_input_is_refused_fast_writes_nothing_and_the_server_keeps_servi
     new_files = {k for k in _files(LORAS)} - set(loras_before)
     if case.outcome == ERROR:
         assert growth < RSS_GROWTH_MB, f"server RSS grew {growth:.0f} MB on a refused prompt"
-        assert elapsed < REFUSAL_SECONDS, f"refused after {elapsed:.2f} s"
+        assert elapsed < case.seconds, f"refused after {elapsed:.2f} s"
         assert not new_files, f"a refused prompt wrote {new_files}"
     for name in new_files:
         (LORAS / name).unlink(missing_ok=True)
