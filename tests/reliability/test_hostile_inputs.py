@@ -37,7 +37,7 @@ class Case:
     outcome: str = ERROR
     says: tuple[str, ...] = ()
     tags: list[str] = field(default_factory=list)
-    seconds: float = 5.0     # whole-prompt bound for a refusal (see REFUSAL_SECONDS)
+    seconds: float = 5.0     # whole-prompt bound for a refusal (see the bounds above)
 
 
 def _prompt_batch(text: str):
