@@ -6,7 +6,10 @@ PORT   ?= 8188
 PYTEST_ARGS ?=
 BENCH_ARGS  ?=
 
-.PHONY: setup fixtures test demo serve bench workflows models clean
+HOST        ?=
+HOST_LAYERS ?= tests/host tests/server tests/frontend
+
+.PHONY: setup fixtures test test-host demo serve bench workflows models clean
 
 setup:
 	@$(PYTHON) scripts/bootstrap.py
@@ -18,6 +21,15 @@ fixtures: setup
 # sys.path, where our nodes/ package would shadow ComfyUI's nodes.py.
 test: fixtures
 	@$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+# The compatibility run on another ComfyUI core (e.g. HOST=../shared/hosts/comfyui-0.33.0.tar.gz):
+# a second venv with that core's own requirements and the torch of requirements/hosts/<name>.txt,
+# then the host, server and frontend layers on it (fixtures are shared with the pinned run).
+test-host: fixtures
+	@test -n "$(HOST)" || { echo "usage: make test-host HOST=../shared/hosts/comfyui-0.33.0.tar.gz"; exit 2; }
+	@set -e; out=$$($(PYTHON) scripts/host_venv.py "$(HOST)"); host=$$(echo "$$out" | sed -n 1p); \
+	  venv=$$(echo "$$out" | sed -n 2p); \
+	  COMFYUI_PATH="$$host" STYLEKIT_VENV="$$venv" "$$venv/bin/pytest" $(HOST_LAYERS) $(PYTEST_ARGS)
 
 demo: setup
 	@$(VPY) scripts/demo.py $(if $(filter command line environment,$(origin PORT)),--port $(PORT))

@@ -30,6 +30,7 @@ from typing import Union
 
 from .block_map import AttentionSite, BlockMap, LayerId
 from .blocks import BlockNameError, sites_named, split_entries
+from .echo import echo
 
 Spec = Union[dict, float, int, None]
 
@@ -72,9 +73,17 @@ def preset_spec(bm: BlockMap, preset: str) -> Spec:
     return _PRESET_SPECS[topology(bm)][preset]
 
 
+# The longest spec text read: a per-depth list for every SDXL layer is ~1,000 characters. Checked
+# before parsing, so a megabyte of text is refused at once.
+MAX_SPEC_CHARS = 20_000
+
+
 def parse_spec(text: str) -> Spec:
     """A block weight spec from text: JSON or a Python literal, or a plain block list (weight 1 for
     each block named, e.g. "output 1, input 8"); empty text is None."""
+    if len(text) > MAX_SPEC_CHARS:
+        raise BlockWeightsError(f"the text is {len(text)} characters long, beyond the limit of {MAX_SPEC_CHARS}; "
+                                "name blocks in a short dict such as {\"output 1\": 1.0}")
     text = text.strip()
     if not text:
         return None
@@ -82,11 +91,11 @@ def parse_spec(text: str) -> Spec:
         return {entry: 1.0 for entry in split_entries(text)}
     try:
         return json.loads(text)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         pass
     try:
         return ast.literal_eval(text)
-    except (ValueError, SyntaxError) as err:
+    except (ValueError, SyntaxError, RecursionError, MemoryError) as err:
         raise BlockWeightsError(f"cannot read it as JSON or a Python dict ({err.__class__.__name__}: {err})") from None
 
 
@@ -95,7 +104,7 @@ WEIGHT_RANGE = (-1.0, 5.0)   # as the apply nodes' global weight: beyond it the 
 
 def _number(value, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise BlockWeightsError(f"{where}: expected a number, got {value!r}")
+        raise BlockWeightsError(f"{where}: expected a number, got {echo(value)}")
     low, high = WEIGHT_RANGE
     if not low <= value <= high:  # also refuses NaN
         raise BlockWeightsError(f"{where}: weight {value} is out of range; use {low} to {high}")
@@ -144,9 +153,9 @@ def _diffusers_form(bm: BlockMap, spec: dict) -> dict[LayerId, float]:
             match = re.fullmatch(r"block_(\d+)", str(name))
             if not match or int(match[1]) not in blocks:
                 have = ", ".join(f"block_{b}" for b in blocks)
-                raise BlockWeightsError(f"'{side}.{name}': {side}_blocks with attention in this model are {have}")
+                raise BlockWeightsError(f"{echo(f'{side}.{name}')}: {side}_blocks with attention in this model are {have}")
             sites = blocks[int(match[1])]
-            where = f"'{side}.{name}'"
+            where = echo(f"{side}.{name}")
             if isinstance(per_block, (list, tuple)) and len(per_block) != 1:
                 if len(per_block) != len(sites):
                     raise BlockWeightsError(f"{where}: {side}_blocks.{match[1]} has {len(sites)} attentions, "
@@ -167,7 +176,7 @@ def _named_form(bm: BlockMap, spec: dict) -> dict[LayerId, float]:
         except BlockNameError as err:
             raise BlockWeightsError(str(err)) from None
         for site in sites:
-            weights.update(_site_weights(site, value, f"'{name}'"))
+            weights.update(_site_weights(site, value, echo(str(name))))
     return weights
 
 

@@ -28,6 +28,7 @@ from typing import Iterable
 from .block_map import AttentionSite, BlockMap
 
 MAX_ENTRY = 200          # characters of one entry: more is not a block name
+MAX_LIST_CHARS = 4_000   # a whole list: every SDXL block by diffusers name is ~600; checked before parsing
 _SEPARATORS = re.compile(r"[,;\n]")
 # kind words (letters with single underscores), then optionally a number or an inclusive range
 _ID = re.compile(r"([a-z]+(?:_[a-z]+)*)(?:[ _]*(\d{1,4})(?: *- *(\d{1,4}))?)?")
@@ -77,6 +78,9 @@ def split_entries(text: str) -> list[str]:
 
 def parse_block_list(bm: BlockMap, text: str | Iterable[str]) -> list[AttentionSite]:
     """The sites a block list names, each once, in the order first named; empty lists are refused."""
+    if isinstance(text, str) and len(text) > MAX_LIST_CHARS:
+        raise BlockNameError(f"the block list is {len(text)} characters long, beyond the limit of {MAX_LIST_CHARS}; "
+                             "name blocks such as 'output 3, output 4'")
     entries = split_entries(text) if isinstance(text, str) else [str(e) for e in text]
     chosen: dict[tuple, AttentionSite] = {}
     for entry in entries:

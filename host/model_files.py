@@ -1,7 +1,7 @@
 """Objects read from a models/ folder, once per file version.
 
 Two loader nodes naming one file share one object, and nothing is kept once no graph holds it
-(a weak-value cache keyed by path and modification time)."""
+(a weak-value cache keyed by path and file version: size, times, inode)."""
 from __future__ import annotations
 
 import os
@@ -25,7 +25,7 @@ def register_models_folder(folder: str) -> None:
 class LoadedOnce(Generic[T]):
     def __init__(self, folder: str, read: Callable[[str], T]):
         self.folder, self.read = folder, read
-        self._alive: "weakref.WeakValueDictionary[tuple[str, float], T]" = weakref.WeakValueDictionary()
+        self._alive: "weakref.WeakValueDictionary[tuple, T]" = weakref.WeakValueDictionary()
 
     def load(self, filename: str) -> T:
         register_models_folder(self.folder)
@@ -33,7 +33,11 @@ class LoadedOnce(Generic[T]):
         if path is None:
             raise FileNotFoundError(f"{filename} is not in models/{self.folder} "
                                     f"({', '.join(folder_paths.get_folder_paths(self.folder))})")
-        key = (path, os.path.getmtime(path))
+        # A file replaced in place may keep its mtime (cp -p, rsync -t, a restore): the size, the
+        # nanosecond mtime, the inode and the change time (which no copy tool can set back; POSIX)
+        # together tell versions apart without reading the file.
+        stat = os.stat(path)
+        key = (path, stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_dev, stat.st_ctime_ns)
         found = self._alive.get(key)
         if found is None:
             found = self.read(path)

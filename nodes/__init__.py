@@ -11,6 +11,8 @@ import pkgutil
 from comfy_api.latest import ComfyExtension, io
 from typing_extensions import override
 
+from ._common import guard_inputs
+
 
 def all_nodes() -> list[type[io.ComfyNode]]:
     found: list[type[io.ComfyNode]] = []
@@ -18,7 +20,7 @@ def all_nodes() -> list[type[io.ComfyNode]]:
         if info.name.startswith("_"):
             continue
         module = importlib.import_module(f"{__name__}.{info.name}")
-        found.extend(getattr(module, "NODES", []))
+        found.extend(guard_inputs(node) for node in getattr(module, "NODES", []))
     return found
 
 

@@ -1,6 +1,11 @@
 """Names, types and input checks every node module shares."""
+import functools
+import math
+
 import torch
 from comfy_api.latest import io
+
+from ..host.echo import echo
 
 CATEGORY = "StyleKit"
 
@@ -61,10 +66,28 @@ def percent_inputs(what: str) -> list:
     ]
 
 
-def check_images(node: str, input_name: str, images: torch.Tensor | None) -> None:
-    """Refuse an IMAGE batch a node cannot use: no images, or NaN/inf pixels (e.g. decoded from a
-    diverged latent), which would otherwise surface steps later as a black image or a deep error."""
+# Bounds on what one prompt may make a node hold (a shared server has no per-user quota).
+MAX_REFERENCES = 64                    # reference images of one image prompt (IP-Adapter, StyleAdapter, CSD)
+MAX_TRAINING_PIXELS = 256 * 1024 * 1024  # class / subject images: count x height x width (~3 GB as IMAGE)
+
+
+def check_images(node: str, input_name: str, images: torch.Tensor | None, limit: int | None = None) -> None:
+    """Refuse an IMAGE batch a node cannot use: no images, more than `limit`, or NaN/inf pixels
+    (e.g. decoded from a diverged latent), which would otherwise surface steps later as a black
+    image or a deep error."""
+    if images is not None and limit is not None:
+        check_count(node, input_name, images.shape[0], limit, "images",
+                    "pass fewer (e.g. pick them with Image From Batch)")
     _check_batch(node, input_name, images, "image", "connect at least one image")
+
+
+def check_pixels(node: str, input_name: str, count: int, height: int, width: int,
+                 limit: int = MAX_TRAINING_PIXELS) -> None:
+    """Refuse image sets whose count x height x width exceeds `limit` before any is made or encoded."""
+    if count * height * width > limit:
+        raise node_error(node, input_name, f"{count} images of {width}x{height} are "
+                         f"{count * height * width:,} pixels, beyond the limit of {limit:,} "
+                         f"(e.g. {limit // (1024 * 1024)} images of 1024x1024); use fewer or smaller images")
 
 
 def check_latent(node: str, input_name: str, latent: dict | None) -> None:
@@ -81,3 +104,44 @@ def _check_batch(node: str, input_name: str, tensor, what: str, fix: str) -> Non
     if not torch.isfinite(tensor).all():
         raise node_error(node, input_name, f"the {what} holds NaN or inf values; check the node that "
                          "made it (a diverged sampler or a broken file)")
+
+
+def check_finite_floats(node: str, floats: dict, inputs: dict) -> None:
+    """Refuse NaN (JSON lets it through core's min/max checks) in any FLOAT input, naming it."""
+    for name, spec in floats.items():
+        value = inputs.get(name)
+        if isinstance(value, float) and not math.isfinite(value):
+            bounds = f"from {spec.min} to {spec.max}" if spec.min is not None and spec.max is not None else "a finite number"
+            raise node_error(node, name, f"{value} is not a number; give a number {bounds}")
+
+
+def guard_inputs(node_cls: type[io.ComfyNode]) -> type[io.ComfyNode]:
+    """Wrap the node's execute so that every FLOAT input is checked by check_finite_floats before
+    any work, and the error names this node (not the one a NaN would surface in later).
+    Idempotent; nodes/__init__.py applies it to every node of the pack."""
+    if getattr(node_cls, "_stylekit_guarded", False):
+        return node_cls
+    schema = node_cls.define_schema()
+    floats = {i.id: i for i in schema.inputs if isinstance(i, io.Float.Input)}
+    func = node_cls.__dict__["execute"].__func__
+
+    @functools.wraps(func)
+    def execute(cls, *args, **kwargs):
+        check_finite_floats(schema.display_name or schema.node_id, floats, kwargs)
+        return func(cls, *args, **kwargs)
+
+    node_cls.execute = classmethod(execute)
+    node_cls._stylekit_guarded = True
+    return node_cls
+
+
+def check_count(node: str, input_name: str, count: int, limit: int, what: str, fix: str) -> None:
+    """Refuse more than `limit` items (references, lines, images) before any work on them."""
+    if count > limit:
+        raise node_error(node, input_name, f"{count} {what}, beyond the limit of {limit}; {fix}")
+
+
+def check_text_length(node: str, input_name: str, text: str, limit: int) -> None:
+    if len(text) > limit:
+        raise node_error(node, input_name, f"the text is {len(text)} characters long, beyond the "
+                         f"limit of {limit}; shorten it")

@@ -12,13 +12,19 @@ from ..training.errors import InputError
 from ..training.lora_file import load_lora_file, normalized_lora_name
 from ..training.targets import ALL_ATTENTION, BLOCK_LIST, BLORA_CONTENT_STYLE, PRESETS
 from ..training.trainer import TrainSettings
-from ._common import DISPLAY_NAMES, category, check_images, node_error
+from ._common import DISPLAY_NAMES, MAX_REFERENCES, category, check_images, check_pixels, node_error
 
 CATEGORY = category("training")
 LoraModel = io.Custom("LORA_MODEL")  # core's type for LoRA weights in the graph (nodes_train.py)
 
 
+MAX_WORD_CHARS = 200   # an identifier or class noun: a few words, one CLIP chunk
+
+
 def _text(name: str, value: str, node: str) -> str:
+    if len(value) > MAX_WORD_CHARS:
+        raise node_error(node, name, f"{len(value)} characters, beyond the limit of {MAX_WORD_CHARS}; "
+                         "enter a word or two")
     if not value.strip():
         raise node_error(node, name, "it is empty; enter a word")
     return value.strip()
@@ -37,7 +43,10 @@ def _train(node: str, job: TrainingJob, model, clip, vae, images, prior_images=N
     except InputError as err:
         raise node_error(node, err.input, err) from None
     last = outcome.losses[-1]
-    summary = (f"saved models/loras/{normalized_lora_name(job.lora_name)} ({len(outcome.lora) // 3} LoRA layers)\n"
+    import folder_paths
+
+    saved = outcome.path.relative_to(folder_paths.get_folder_paths("loras")[0]).as_posix()
+    summary = (f"saved models/loras/{saved} ({len(outcome.lora) // 3} LoRA layers)\n"
                f"last step: subject loss {last.subject:.4f}" + (f", prior loss {last.prior:.4f}" if last.prior_weight else ""))
     return io.NodeOutput(outcome.model, outcome.lora, outcome.loss_curve, ui=ui.PreviewText(summary))
 
@@ -49,8 +58,15 @@ def _seed_input() -> io.Int.Input:
 
 def _lora_name_input(default: str) -> io.String.Input:
     return io.String.Input("lora_name", default=default,
-                           tooltip="File name under models/loras (.safetensors is added). An existing file of "
-                                   "that name is replaced once training has finished; a cancelled run writes nothing.")
+                           tooltip="File name under models/loras (.safetensors is added). If that file exists, the "
+                                   "LoRA is saved as name_00001_.safetensors (the next free number) unless overwrite "
+                                   "is on; a cancelled or failed run writes nothing.")
+
+
+def _overwrite_input() -> io.Boolean.Input:
+    return io.Boolean.Input("overwrite", default=False, optional=True,
+                            tooltip="Replace an existing LoRA of that name, but only one StyleKit trained (its "
+                                    "metadata says so); any other file is never replaced. Off: a numbered name.")
 
 
 def _training_outputs() -> list:
@@ -96,6 +112,7 @@ class StyleKitClassImages(io.ComfyNode):
     def execute(cls, model, clip, vae, class_noun, count, width, height, steps, cfg, sampler_name, scheduler,
                 seed, batch_size) -> io.NodeOutput:
         noun = _text("class_noun", class_noun, cls.DISPLAY)
+        check_pixels(cls.DISPLAY, "count", count, height, width)
         images = sample_class_images(model, clip, vae, f"a {noun}", count, width, height, steps, cfg,
                                      sampler_name, scheduler, seed, batch_size)
         return io.NodeOutput(images)
@@ -143,6 +160,7 @@ class StyleKitDreamBoothTrain(io.ComfyNode):
                                         "separated. See StyleKit Block Map."),
                 _seed_input(),
                 _lora_name_input("StyleKit/dreambooth_sks_dog"),
+                _overwrite_input(),
                 io.Image.Input("prior_images", optional=True,
                                tooltip="Class images from StyleKit DreamBooth Class Images (or your own); "
                                        "needed when prior_weight > 0."),
@@ -152,12 +170,15 @@ class StyleKitDreamBoothTrain(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, vae, images, identifier, class_noun, prior_weight, steps, learning_rate, rank,
-                target_blocks, block_list, seed, lora_name, prior_images=None) -> io.NodeOutput:
+                target_blocks, block_list, seed, lora_name, prior_images=None, overwrite=False) -> io.NodeOutput:
         token = _text("identifier", identifier, cls.DISPLAY)
         noun = _text("class_noun", class_noun, cls.DISPLAY)
         _lora_name(lora_name, cls.DISPLAY)
-        check_images(cls.DISPLAY, "images", images)
+        check_images(cls.DISPLAY, "images", images, MAX_REFERENCES)
         check_images(cls.DISPLAY, "prior_images", prior_images)
+        for name, batch in (("images", images), ("prior_images", prior_images)):
+            if batch is not None:
+                check_pixels(cls.DISPLAY, name, *batch.shape[:3])
         if prior_weight > 0 and prior_images is None:
             raise node_error(cls.DISPLAY, "prior_images", f"prior_weight {prior_weight} needs class images; "
                              "connect StyleKit DreamBooth Class Images, or set prior_weight to 0")
@@ -165,7 +186,7 @@ class StyleKitDreamBoothTrain(io.ComfyNode):
             raise node_error(cls.DISPLAY, "block_list", "empty while target_blocks is 'block list'; "
                              "name blocks such as 'output 1', or pick another preset")
         job = TrainingJob("DreamBooth", f"a {token} {noun}", f"a {noun}", target_blocks, block_list, lora_name,
-                          TrainSettings(steps, learning_rate, rank, prior_weight, seed))
+                          TrainSettings(steps, learning_rate, rank, prior_weight, seed), overwrite)
         return _train(cls.DISPLAY, job, model, clip, vae, images, prior_images)
 
 
@@ -194,17 +215,19 @@ class StyleKitBLoRATrain(io.ComfyNode):
                 io.Int.Input("rank", default=64, min=1, max=256, tooltip="LoRA rank (alpha = rank); the paper uses 64."),
                 _seed_input(),
                 _lora_name_input("StyleKit/blora"),
+                _overwrite_input(),
             ],
             outputs=_training_outputs(),
         )
 
     @classmethod
-    def execute(cls, model, clip, vae, image, identifier, steps, learning_rate, rank, seed, lora_name) -> io.NodeOutput:
+    def execute(cls, model, clip, vae, image, identifier, steps, learning_rate, rank, seed, lora_name,
+                overwrite=False) -> io.NodeOutput:
         token = _text("identifier", identifier, cls.DISPLAY)
         _lora_name(lora_name, cls.DISPLAY)
         check_images(cls.DISPLAY, "image", image)
         job = TrainingJob("B-LoRA", f"A {token}", None, BLORA_CONTENT_STYLE, "", lora_name,
-                          TrainSettings(steps, learning_rate, rank, 0.0, seed))
+                          TrainSettings(steps, learning_rate, rank, 0.0, seed), overwrite)
         return _train(cls.DISPLAY, job, model, clip, vae, image)
 
 

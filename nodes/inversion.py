@@ -7,6 +7,9 @@ from comfy_api.latest import io
 from ..sampling.inversion import DDIM, METHODS, invert, schedule
 from ._common import DISPLAY_NAMES, Trajectory, category, check_latent, node_error
 
+# The trajectory keeps x at every step in host RAM (fp32): steps x latent size is bounded.
+MAX_TRAJECTORY_BYTES = 2 << 30
+
 NAME = DISPLAY_NAMES["StyleKitDDIMInversion"]
 
 
@@ -59,6 +62,12 @@ class StyleKitDDIMInversion(io.ComfyNode):
         check_latent(NAME, "latent_image", latent_image)
         if method not in METHODS:
             raise node_error(NAME, "method", f"{method!r} is not a method; choose {' or '.join(METHODS)}")
+        size = (steps + 1) * latent_image["samples"].numel() * 4
+        if size > MAX_TRAJECTORY_BYTES:
+            raise node_error(NAME, "steps", f"{steps} steps of a {tuple(latent_image['samples'].shape)} latent "
+                             f"make a trajectory of {size / 2**30:.1f} GiB, beyond the limit of "
+                             f"{MAX_TRAJECTORY_BYTES / 2**30:.0f} GiB; use fewer steps (50 is official) or a "
+                             "smaller latent")
         try:
             trajectory = invert(model, latent_image["samples"], positive, negative,
                                 schedule(model, scheduler, steps), cfg=cfg,

@@ -16,7 +16,7 @@ from ..ip_adapter.files import ip_adapter_files, load_ip_adapter
 from ..ip_adapter.model import IPAdapterFileError
 from ..host.block_weights import ALL, CUSTOM, PRESETS, BlockWeightsError
 from ..patching.ip_adapter import AdapterMismatch, IPAdapterSettings, apply_ip_adapter_embeds
-from ._common import DISPLAY_NAMES, category, check_images, node_error
+from ._common import DISPLAY_NAMES, MAX_REFERENCES, category, check_images, node_error
 
 IPAdapterType = io.Custom("STYLEKIT_IPADAPTER")
 ImageEmbedsType = io.Custom("STYLEKIT_IMAGE_EMBEDS")
@@ -132,9 +132,9 @@ class StyleKitIPAdapterEncode(io.ComfyNode):
 
     @classmethod
     def execute(cls, ipadapter, clip_vision, image, crop, negative_image=None) -> io.NodeOutput:
-        check_images(DISPLAY_NAMES["StyleKitIPAdapterEncode"], "image", image)
-        check_images(DISPLAY_NAMES["StyleKitIPAdapterEncode"], "negative_image", negative_image)
         node = DISPLAY_NAMES["StyleKitIPAdapterEncode"]
+        check_images(node, "image", image, MAX_REFERENCES)
+        check_images(node, "negative_image", negative_image, MAX_REFERENCES)
         try:
             check_clip_vision(ipadapter, clip_vision)
         except ClipVisionMismatch as err:
@@ -197,8 +197,8 @@ class StyleKitIPAdapter(io.ComfyNode):
     def execute(cls, model, ipadapter, clip_vision, image, weight, start_percent, end_percent, blocks, block_weights,
                 combine, negative_image=None, attn_mask=None) -> io.NodeOutput:
         node = DISPLAY_NAMES["StyleKitIPAdapter"]
-        check_images(node, "image", image)
-        check_images(node, "negative_image", negative_image)
+        check_images(node, "image", image, MAX_REFERENCES)
+        check_images(node, "negative_image", negative_image, MAX_REFERENCES)
         settings = settings_from_inputs(node, weight, start_percent, end_percent, blocks, block_weights, combine,
                                         attn_mask)
         try:

@@ -12,7 +12,7 @@ from ..sampling.style_guidance import (DECODERS, EXACT, MODES, TAESD_DECODER, St
                                        StyleGuidanceSettings, apply_style_guidance, style_guidance_guider)
 from ..style_discriminator.files import (StyleDiscriminatorFileError, load_style_discriminator,
                                          style_discriminator_files)
-from ._common import DISPLAY_NAMES, category, check_images, node_error, percent_inputs
+from ._common import DISPLAY_NAMES, MAX_REFERENCES, category, check_images, node_error, percent_inputs
 
 StyleDiscriminatorType = io.Custom("STYLEKIT_STYLE_DISCRIMINATOR")
 CATEGORY = category("style guidance")
@@ -68,8 +68,8 @@ class StyleKitStyleSimilarity(io.ComfyNode):
 
     @classmethod
     def execute(cls, style_discriminator, image, reference) -> io.NodeOutput:
-        check_images(SIMILARITY, "image", image)
-        check_images(SIMILARITY, "reference", reference)
+        check_images(SIMILARITY, "image", image, MAX_REFERENCES)
+        check_images(SIMILARITY, "reference", reference, MAX_REFERENCES)
         e = style_discriminator.style_embeddings(image)
         r = style_discriminator.style_embeddings(reference)
         table = e @ r.T
@@ -135,7 +135,7 @@ class StyleKitStyleGuidance(io.ComfyNode):
     @classmethod
     def execute(cls, model, style_discriminator, style_image, scale, every, start_percent, end_percent, mode,
                 decoder, vae=None) -> io.NodeOutput:
-        check_images(GUIDANCE, "style_image", style_image)
+        check_images(GUIDANCE, "style_image", style_image, MAX_REFERENCES)
         settings = settings_from_inputs(GUIDANCE, scale, every, start_percent, end_percent, mode, decoder)
         try:
             return io.NodeOutput(apply_style_guidance(model, style_discriminator, style_image, settings, vae=vae))
@@ -161,7 +161,7 @@ class StyleKitStyleGuidanceGuider(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, negative, cfg, style_discriminator, style_image, scale, every, start_percent,
                 end_percent, mode, decoder, vae=None) -> io.NodeOutput:
-        check_images(GUIDER, "style_image", style_image)
+        check_images(GUIDER, "style_image", style_image, MAX_REFERENCES)
         settings = settings_from_inputs(GUIDER, scale, every, start_percent, end_percent, mode, decoder)
         try:
             return io.NodeOutput(style_guidance_guider(model, positive, negative, cfg, style_discriminator,

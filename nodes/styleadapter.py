@@ -15,7 +15,7 @@ from ..host.block_weights import CUSTOM, BlockWeightsError
 from ..patching.ip_adapter import AdapterMismatch
 from ..styleadapter.decoupling import shuffle_patches
 from ..styleadapter.stages import ClassTokenError, StyleAdapterSettings, apply_style_adapter, remove_class_token
-from ._common import DISPLAY_NAMES, category, check_images, node_error
+from ._common import DISPLAY_NAMES, MAX_REFERENCES, category, check_images, node_error
 from .ip_adapter import ImageEmbedsType, IPAdapterType, injection_inputs, settings_from_inputs
 
 CATEGORY = category("StyleAdapter")
@@ -51,6 +51,7 @@ class StyleKitPatchShuffle(io.ComfyNode):
 
     @classmethod
     def execute(cls, image, grid, seed) -> io.NodeOutput:
+        check_images("StyleKit Patch Shuffle", "image", image, MAX_REFERENCES)
         try:
             return io.NodeOutput(shuffle_patches(image, grid, seed))
         except ValueError as err:
@@ -124,7 +125,7 @@ class StyleKitStyleAdapter(io.ComfyNode):
     def execute(cls, model, ipadapter, clip_vision, image, style_scale, shuffle_grid, shuffle_seed,
                 remove_class_token, merge, start_percent, end_percent, blocks, block_weights) -> io.NodeOutput:
         node = DISPLAY_NAMES["StyleKitStyleAdapter"]
-        check_images(node, "image", image)
+        check_images(node, "image", image, MAX_REFERENCES)
         if merge not in COMBINE:
             raise node_error(node, "merge", f"choose one of {', '.join(COMBINE)}")
         injection = settings_from_inputs(node, style_scale, start_percent, end_percent, blocks, block_weights, merge)

@@ -55,6 +55,10 @@ class ImageKVCache:
     def __deepcopy__(self, memo):
         return self
 
+    # Core does not count these caches in its memory planning: above this size (many references,
+    # 70 SDXL layers) they are stored in host RAM and brought to the device at each call.
+    DEVICE_CACHE_BYTES = 4 << 20
+
     def get(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
         """(k_cond, v_cond, k_uncond, v_uncond), each [1, T, C]."""
         key = (str(device), dtype)
@@ -64,8 +68,10 @@ class ImageKVCache:
             for tokens in (self.tokens.cond, self.tokens.uncond):
                 c = tokens.to(device, torch.float32)
                 out += [(c @ to_k.T).to(dtype), (c @ to_v.T).to(dtype)]
+            if sum(t.numel() * t.element_size() for t in out) > self.DEVICE_CACHE_BYTES:
+                out = [t.cpu() for t in out]
             self._cache[key] = tuple(out)
-        return self._cache[key]
+        return tuple(t.to(device, non_blocking=True) for t in self._cache[key])
 
 
 class TokenMask:

@@ -28,10 +28,30 @@ def _repeat_rows(t: torch.Tensor, rows: int, what: str) -> torch.Tensor:
                      "one prompt, or one per row")
 
 
+# Core batches conditionings of different lengths only while the padded length stays within 4x
+# the shortest (comfy/conds.py); beyond it the padding, not the prompts, would fill memory.
+MAX_PAD_FACTOR = 4
+MAX_TOKENS = 77 * 32          # a row of 32 CLIP chunks: far beyond any real prompt
+MAX_LINES = 256               # prompts in one Prompt Batch
+MAX_TEXT_CHARS = 100_000
+
+
+def padded_length(lengths: list[int]) -> int:
+    """The token length rows of these lengths are padded to (their least common multiple), or
+    ValueError naming the bound it would exceed."""
+    length = math.lcm(*lengths)
+    if length > MAX_PAD_FACTOR * min(lengths) or length > MAX_TOKENS:
+        raise ValueError(f"prompts of {min(lengths)} to {max(lengths)} tokens would be padded to {length} tokens "
+                         f"each, beyond {MAX_PAD_FACTOR}x the shortest (core's limit for batching conditionings) "
+                         f"or {MAX_TOKENS} tokens; make the prompts about as long as each other (each 75-token "
+                         "chunk counts), or shorten the longest")
+    return length
+
+
 def _cat_tokens(tensors: list[torch.Tensor]) -> torch.Tensor:
     # Different token lengths (long prompts) are padded by repetition to their least common
     # multiple, as core does when it batches conditionings (repetition leaves attention unchanged).
-    length = math.lcm(*(t.shape[1] for t in tensors))
+    length = padded_length([t.shape[1] for t in tensors])
     return torch.cat([t.repeat(1, length // t.shape[1], 1) for t in tensors])
 
 
@@ -56,10 +76,27 @@ def with_reference_row(reference: list, rows: list, batch: int,
     return stack_rows([(reference, 1, names[0]), (rows, batch, names[1])])
 
 
+def _chunks(tokens: dict) -> int:
+    """CLIP chunks (of 77 tokens) of a tokenized prompt: the longest of its encoders' lists."""
+    return max(len(v) for v in tokens.values()) if isinstance(tokens, dict) and tokens else 1
+
+
 def encode_lines(clip, text: str) -> list:
-    """One prompt per non-empty line of `text`, encoded with `clip`, stacked into per-row conditioning."""
+    """One prompt per non-empty line of `text`, encoded with `clip`, stacked into per-row conditioning.
+    Bounds (text length, lines, padded length) are checked on the tokens, before any encoding."""
+    if len(text) > MAX_TEXT_CHARS:
+        raise ValueError(f"input 'text' is {len(text)} characters long, beyond the limit of {MAX_TEXT_CHARS}; "
+                         "shorten it")
     prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise ValueError("input 'text' holds no prompt; write one prompt per line")
-    return stack_rows([(clip.encode_from_tokens_scheduled(clip.tokenize(prompt)), 1, f"text (line {i + 1})")
-                       for i, prompt in enumerate(prompts)])
+    if len(prompts) > MAX_LINES:
+        raise ValueError(f"input 'text' holds {len(prompts)} prompt lines, beyond the limit of {MAX_LINES}; "
+                         "split them over several prompts")
+    tokenized = [clip.tokenize(prompt) for prompt in prompts]
+    try:
+        padded_length([77 * _chunks(tokens) for tokens in tokenized])
+    except ValueError as err:
+        raise ValueError(f"input 'text': {err}") from None
+    return stack_rows([(clip.encode_from_tokens_scheduled(tokens), 1, f"text (line {i + 1})")
+                       for i, tokens in enumerate(tokenized)])

@@ -53,7 +53,7 @@ def sample_ddim_inversion(model, x, sigmas, extra_args=None, callback=None, disa
     extra_args = {} if extra_args is None else extra_args
     s_in = x.new_ones([x.shape[0]])
     if trajectory is not None:
-        trajectory.append(x)
+        trajectory.append(x.cpu())  # off the device as stored: up to steps x latent, untracked by core
     x = x * level_scale(0.0, float(sigma_start))
     for i in range(len(sigmas) - 1):
         sigma = float(sigma_start) if i == 0 else float(sigmas[i])
@@ -68,7 +68,7 @@ def sample_ddim_inversion(model, x, sigmas, extra_args=None, callback=None, disa
             callback({"x": x, "i": i, "sigma": sigma_next, "sigma_hat": sigma_next, "denoised": denoised})
         x = x_next
         if trajectory is not None:
-            trajectory.append(x)
+            trajectory.append(x.cpu())
     return x
 
 
@@ -83,7 +83,7 @@ def sample_renoise_inversion(model, x, sigmas, extra_args=None, callback=None, d
     with `seed`, draws the forward noise first and then every random roll of the regulariser."""
     extra_args = {} if extra_args is None else extra_args
     if trajectory is not None:
-        trajectory.append(x)
+        trajectory.append(x.cpu())  # off the device as stored
     generator = torch.Generator().manual_seed(seed)
     noise = torch.randn(x.shape, generator=generator).to(x)
     z0 = z = x
@@ -104,7 +104,7 @@ def sample_renoise_inversion(model, x, sigmas, extra_args=None, callback=None, d
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigma_next, "sigma_hat": sigma_next, "denoised": x})
         if trajectory is not None:
-            trajectory.append(x)
+            trajectory.append(x.cpu())
     return x
 
 

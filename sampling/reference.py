@@ -57,7 +57,7 @@ class NoisedReference:
 
         def at(sigma: float) -> torch.Tensor:
             step, _ = step_position(sigmas, sigma)
-            generator = torch.Generator().manual_seed(self.seed + 1 + step)
+            generator = torch.Generator().manual_seed((self.seed + 1 + step) % 2**64)  # seeds reach 2^64 - 1
             return z0 + sigma * torch.randn(z0.shape, generator=generator)
         return at
 

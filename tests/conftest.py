@@ -40,13 +40,22 @@ def pytest_collection_modifyitems(config, items):
 def server():
     from stylekit.tests.fixtures import ensure_all
     from stylekit.tests.support.host import init_comfy, release_models
+    from stylekit.tests.support.paths import BASE_DIR
     from stylekit.tests.support.server import ComfyServer, extra_node_args
 
     init_comfy()  # the fixture builders use comfy's own classes
     ensure_all()
     release_models()  # models the host layer loaded in this process
-    with ComfyServer(extra_args=extra_node_args()) as running:
-        yield running
+    # A test-only pack with the incumbent IP-Adapter pack's patch protocol (composition tests);
+    # linked for this session only.
+    incumbent = BASE_DIR / "custom_nodes" / "stylekit-test-incumbent-protocol"
+    incumbent.unlink(missing_ok=True)
+    incumbent.symlink_to(TESTS / "support" / "incumbent_protocol", target_is_directory=True)
+    try:
+        with ComfyServer(extra_args=extra_node_args()) as running:
+            yield running
+    finally:
+        incumbent.unlink(missing_ok=True)
     assert not running.alive()
 
 

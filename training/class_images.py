@@ -22,7 +22,7 @@ def sample_class_images(model, clip, vae, prompt: str, count: int, width: int, h
     positive, negative = encode_prompt(clip, prompt), encode_prompt(clip, "")
     ratio = vae.spacial_compression_encode()
     progress = comfy.utils.ProgressBar(count)
-    images = []
+    images = None  # filled in place: concatenating mini-batches would hold the set twice
     for start in range(0, count, batch_size):
         comfy.model_management.throw_exception_if_processing_interrupted()
         indices = list(range(start, min(count, start + batch_size)))
@@ -31,6 +31,9 @@ def sample_class_images(model, clip, vae, prompt: str, count: int, width: int, h
         noise = comfy.sample.prepare_noise(latent, seed, indices)
         samples = comfy.sample.sample(model, noise, steps, cfg, sampler_name, scheduler, positive, negative,
                                       latent, disable_pbar=True, seed=seed)
-        images.append(vae.decode(samples).cpu())
+        decoded = vae.decode(samples)[..., :3].cpu()
+        if images is None:
+            images = torch.empty((count, *decoded.shape[1:]), dtype=decoded.dtype)
+        images[indices[0]:indices[-1] + 1] = decoded
         progress.update_absolute(indices[-1] + 1)
-    return torch.cat(images)[..., :3]
+    return images

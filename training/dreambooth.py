@@ -16,7 +16,7 @@ import torch
 
 from .class_images import encode_prompt
 from .errors import InputError
-from .lora_file import lora_path, lora_state_dict, save_atomically
+from .lora_file import LoraOutput, NonFiniteWeights, OutputError, lora_path, lora_state_dict
 from .loss_curve import loss_curve_image
 from .objectives import StepLoss
 from .targets import BLOCK_LIST, projection_weights, select_sites
@@ -32,6 +32,7 @@ class TrainingJob:
     block_list: str              # blocks for the "block list" preset
     lora_name: str               # relative to models/loras
     settings: TrainSettings
+    overwrite: bool = False      # replace an existing LoRA of that name (only one StyleKit wrote)
 
 
 @dataclass
@@ -64,8 +65,19 @@ def _metadata(job: TrainingJob, model, blocks: str, prior_images: int) -> dict[s
 
 def run_training(job: TrainingJob, model, clip, vae, images: torch.Tensor, prior_images: torch.Tensor | None = None,
                  on_step: Callable[[int, StepLoss], None] | None = None) -> TrainingOutcome:
-    """Train, save atomically under models/loras, and return the model with the LoRA applied."""
-    path = lora_path(job.lora_name)
+    """Train, save atomically under models/loras, and return the model with the LoRA applied.
+
+    The output file is reserved before any work (folder and temporary file created), so a name
+    that cannot be written fails at once; nothing is written if training fails or is cancelled."""
+    try:
+        with LoraOutput(lora_path(job.lora_name), job.overwrite) as output:
+            return _train_into(output, job, model, clip, vae, images, prior_images, on_step)
+    except OutputError as err:
+        raise InputError("learning_rate" if isinstance(err, NonFiniteWeights) else "lora_name", str(err)) from None
+
+
+def _train_into(output: LoraOutput, job: TrainingJob, model, clip, vae, images: torch.Tensor,
+                prior_images: torch.Tensor | None, on_step) -> TrainingOutcome:
     try:
         sites = select_sites(model, job.target, job.block_list)
     except ValueError as err:
@@ -86,7 +98,7 @@ def run_training(job: TrainingJob, model, clip, vae, images: torch.Tensor, prior
     lora = lora_state_dict(model, trained.factors, trained.alpha)
     blocks = ", ".join(f"{s.block[0]} {s.block[1]} ({s.diffusers_name})" for s in sites)
     prior_count = 0 if data.prior is None else data.prior.shape[0]
-    save_atomically(lora, path, _metadata(job, model, blocks, prior_count))
+    path = output.commit(lora, _metadata(job, model, blocks, prior_count))
     patched, _ = comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0.0)
     curve = loss_curve_image([l.subject for l in trained.losses],
                              [l.prior for l in trained.losses] if data.prior is not None else None,

@@ -135,7 +135,7 @@ class _Loop:
         kind = prediction_type(guider.model_patcher)
         device = guider.model_patcher.load_device
         dtype = model.get_dtype()
-        generator = torch.Generator().manual_seed(self.settings.seed + 1)
+        generator = torch.Generator().manual_seed((self.settings.seed + 1) % 2**64)  # seeds reach 2^64 - 1
 
         # Latents, noise, targets and the loss stay fp32: core casts the UNet input to its dtype
         # and returns the denoised estimate in fp32.

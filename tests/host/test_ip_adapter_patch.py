@@ -92,12 +92,19 @@ def test_the_input_model_is_untouched_and_clones_share_weights_and_tokens(sdxl):
     chain = [m]
     for _ in range(10):
         chain.append(chain[-1].clone())
+    # Core 0.3.75 deep-copies patch objects on clone(), 0.33 shares them; under either the heavy
+    # parts are one copy...
     for layer, patch in _our_patches(chain[-1]).items():
         original = _our_patches(m)[layer]
-        assert patch is not original                      # clone() deep-copies the options...
-        assert patch.kv is original.kv                     # ...but not the heavy parts
+        assert patch.kv is original.kv
         key = block_map(sdxl.model).site(layer[:2]).ip_adapter_keys[layer[2]]
         assert patch.kv.to_k.data_ptr() == adapter.kv[key][0].data_ptr()
+    # ... and patching a clone further never reaches the model it was cloned from.
+    parent = dict(_our_patches(chain[-1]))
+    stacked = apply_ip_adapter(chain[-1], adapter, _tokens(adapter, seed=1), IPAdapterSettings(weight=0.5))
+    assert _our_patches(chain[-1]) == parent
+    assert all(isinstance(p.previous, IPAdapterPatch) and p.previous.kv is parent[layer].kv   # wraps the parent's
+               for layer, p in _our_patches(stacked).items())                                   # (copied or shared)
 
 
 def test_stacked_adapters_wrap_each_other_and_keep_another_packs_replace(sd15):

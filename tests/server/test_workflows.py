@@ -6,6 +6,7 @@ import json
 import pytest
 
 from stylekit.scripts.model_table import frontend_models, load_table
+from stylekit.tests.support.paths import PINNED_CORE, host_version
 from stylekit.tests.support.ui_format import api_to_ui, ui_to_api
 from stylekit.tests.support.workflows import WORKFLOWS, api_workflow_names, load_api_workflow, run_order, tiny
 
@@ -36,6 +37,10 @@ def test_ui_twin_queues_exactly_the_api_workflow(object_info, name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_ui_twin_is_what_make_workflows_generates(object_info, name):
+    # Twins are generated on the pinned core; a newer core lays out some widgets differently
+    # (incidental). What every core must satisfy is the test above: the twin queues the API file.
+    if host_version() != PINNED_CORE:
+        pytest.skip(f"UI twins are generated on core {PINNED_CORE}; this is {host_version()}")
     note = (WORKFLOWS / "notes" / f"{name}.md").read_text()
     api = load_api_workflow(name)
     expected = api_to_ui(api, object_info, note, *frontend_models(load_table(), name, api))

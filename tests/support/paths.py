@@ -7,11 +7,22 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 # STYLEKIT_WORK moves the state folder (tests use it to simulate a machine with nothing installed).
 WORK = Path(os.environ.get("STYLEKIT_WORK", REPO / ".work"))
-VENV_PYTHON = REPO / ".venv" / "bin" / "python"
+# STYLEKIT_VENV: the venv servers run in (`make test-host` points it at the compatibility host's).
+VENV_PYTHON = Path(os.environ.get("STYLEKIT_VENV", REPO / ".venv")) / "bin" / "python"
 # The base directory every server we start uses: models/ (fixtures), custom_nodes/ (the pack), output/.
 BASE_DIR = WORK / "base"
 FIXTURE_STORE = WORK / "fixtures"
 PACK_LINK_NAME = "comfyui-stylekit"
+
+
+# The core the pack is pinned to (DESIGN §0); `make test-host` runs the same layers on newer ones.
+PINNED_CORE = "0.3.75"
+
+
+def host_version() -> str:
+    """The running host's ComfyUI version, read from its comfyui_version.py."""
+    text = (host_path() / "comfyui_version.py").read_text()
+    return text.split("__version__ =")[1].strip().splitlines()[0].strip("\"' ")
 
 
 class HostMissing(RuntimeError):

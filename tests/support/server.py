@@ -5,11 +5,15 @@ on the host's main.py with a base directory whose custom_nodes/ links to this re
 """
 from __future__ import annotations
 
+import atexit
+import ctypes
 import json
 import os
 import signal
 import socket
 import subprocess
+import sys
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -95,6 +99,43 @@ class Outputs:
         return [t for out in self.by_node.values() for t in out.get("text", [])]
 
 
+_RUNNING: set["ComfyServer"] = set()
+_HANDLED = (signal.SIGTERM, signal.SIGHUP)   # Ctrl-C is pytest's KeyboardInterrupt: fixtures tear down
+
+
+def _stop_all_and_exit(signum, frame) -> None:
+    """A CI or shell timeout sends SIGTERM: stop every server we started, then die of the signal."""
+    for server in list(_RUNNING):
+        server.stop(timeout=10)
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
+
+def _stop_all_at_exit() -> None:
+    for server in list(_RUNNING):
+        server.stop(timeout=10)
+
+
+def _guard_exit_paths() -> None:
+    if getattr(_guard_exit_paths, "done", False):
+        return
+    _guard_exit_paths.done = True
+    atexit.register(_stop_all_at_exit)
+    if threading.current_thread() is threading.main_thread():
+        for signum in _HANDLED:
+            signal.signal(signum, _stop_all_and_exit)
+
+
+def _die_with_parent() -> None:
+    """In the child: the kernel sends it SIGTERM when the process that started it dies, even by
+    SIGKILL (Linux prctl PR_SET_PDEATHSIG); elsewhere a no-op."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+        except OSError:
+            pass
+
+
 class ComfyServer:
     def __init__(self, port: int | None = None, base_dir: Path | None = BASE_DIR, cpu: bool = True,
                  extra_args: tuple[str, ...] = (), log_path: Path | None = None):
@@ -117,8 +158,11 @@ class ComfyServer:
         self.process = subprocess.Popen(
             server_command(self.port, self.base_dir, self.cpu, self.extra_args),
             cwd=str(host_path()), stdout=log, stderr=subprocess.STDOUT, env=env,
-            start_new_session=True)  # its own process group: stop() reaches any children too
+            start_new_session=True,  # its own process group: stop() reaches any children too
+            preexec_fn=_die_with_parent)
         log.close()
+        _RUNNING.add(self)
+        _guard_exit_paths()  # stopped on every exit path: normal, exception, SIGTERM/SIGHUP, parent killed
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -133,6 +177,7 @@ class ComfyServer:
         raise ServerError(f"ComfyUI did not answer on {self.url} within {timeout:.0f} s; log: {self.log_path}")
 
     def stop(self, timeout: float = 20.0) -> None:
+        _RUNNING.discard(self)
         if self.process is None or self.process.poll() is not None:
             return
         try:
