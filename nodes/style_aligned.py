@@ -11,7 +11,9 @@ from ..host.layer_select import ALL, CUSTOM, UP_ONLY, resolve_blocks
 from ..patching.sharing import installed_sharing
 from ..patching.style_aligned import StyleAlignedSettings, install_style_aligned
 from ..sampling.reference import TrajectoryReference, sample_with_reference
+from ..patching.joint_sharing import STYLE_ALIGNED
 from ._common import DISPLAY_NAMES, Trajectory, category, check_latent, node_error, percent_inputs
+from .dit_sharing import install_dit, is_dit, positions_input
 
 NAME = DISPLAY_NAMES["StyleKitStyleAligned"]
 SAMPLER_NAME = DISPLAY_NAMES["StyleKitStyleAlignedReferenceSampler"]
@@ -70,7 +72,10 @@ class StyleKitStyleAligned(io.ComfyNode):
                 "keys/values plus those of the batch's first image (the reference), with queries and keys "
                 "AdaIN-normalised to the reference's statistics after projection. Works whether ComfyUI "
                 "runs cond and uncond together or apart; put different prompts per image with StyleKit "
-                "Prompt Batch. Self-attention only (attn1); the model passed in is not changed."),
+                "Prompt Batch. Self-attention only (attn1); the model passed in is not changed. On Flux and "
+                "SD3/3.5 the image tokens of the joint attention are shared (text tokens never): blocks = "
+                "custom with empty custom_blocks gives the default (Flux: the single blocks, as the public "
+                "Flux StyleAligned; SD3: every joint block); GroupNorm and only_self_level are UNet-only."),
             inputs=[
                 io.Model.Input("model"),
                 _norm_input(),
@@ -84,16 +89,24 @@ class StyleKitStyleAligned(io.ComfyNode):
                                tooltip="Fraction of self-attention layers, spread regularly, left unshared "
                                        "(official option); 0 shares every chosen layer."),
                 *percent_inputs("sharing"),
+                positions_input(),
             ],
             outputs=[io.Model.Output()],
         )
 
     @classmethod
     def execute(cls, model, share_group_norm, adain_queries, adain_keys, adain_values, shared_score_scale,
-                shared_score_shift, blocks, custom_blocks, only_self_level, start_percent, end_percent) -> io.NodeOutput:
+                shared_score_shift, blocks, custom_blocks, only_self_level, start_percent, end_percent,
+                reference_positions=None) -> io.NodeOutput:
         if start_percent > end_percent:
             raise node_error(NAME, "start_percent", f"{start_percent} is after end_percent {end_percent}; "
                              "make start_percent <= end_percent")
+        if is_dit(model):
+            return io.NodeOutput(install_dit(
+                NAME, model, STYLE_ALIGNED, blocks, custom_blocks, adain_queries=adain_queries,
+                adain_keys=adain_keys, adain_values=adain_values, shared_score_scale=shared_score_scale,
+                shared_score_shift=shared_score_shift, start_percent=start_percent, end_percent=end_percent,
+                reference_positions=reference_positions))
         settings = StyleAlignedSettings(
             blocks=_resolve(NAME, model, blocks, custom_blocks), adain_queries=adain_queries,
             adain_keys=adain_keys, adain_values=adain_values, shared_score_scale=shared_score_scale,

@@ -168,3 +168,22 @@ def test_defaults_name_blocks_of_the_model(flux, mmdit):
     assert default_blocks(mmdit, STYLE_ALIGNED) == "joint"
     assert default_blocks(mmdit, VISUAL_STYLE) == "joint 1-1"
     assert resolve_blocks(flux, "", STYLE_ALIGNED) == (("single", 0), ("single", 1))
+
+
+def test_the_stylekit_nodes_take_dit_models(flux, mmdit):
+    from stylekit.nodes.style_aligned import StyleKitStyleAligned
+    from stylekit.nodes.visual_style_prompting import StyleKitVisualStylePrompting
+
+    out = StyleKitStyleAligned.execute(flux, True, True, True, False, 1.0, 0.0, "custom", "", 0.0, 0.0, 1.0,
+                                       reference_positions="offset").result[0]
+    override = out.model_options["transformer_options"]["optimized_attention_override"]
+    assert override.settings.blocks == (("single", 0), ("single", 1))
+    assert override.settings.reference_positions == OFFSET
+    out = StyleKitVisualStylePrompting.execute(mmdit, "highest-resolution up block", "", 0.0, 1.0, 0.0, 3).result[0]
+    assert out.model_options["transformer_options"]["optimized_attention_override"].settings.blocks == (("joint", 1),)
+    with pytest.raises(ValueError, match="StyleKit Visual Style Prompting: input 'blocks'"):
+        StyleKitVisualStylePrompting.execute(mmdit, "up blocks only", "", 0.0, 1.0, 0.0, 3)
+    with pytest.raises(ValueError, match="input 'custom_blocks'"):
+        StyleKitStyleAligned.execute(flux, True, True, True, False, 1.0, 0.0, "custom", "output 3", 0.0, 0.0, 1.0)
+    with pytest.raises(ValueError, match="input 'shared_score_shift'"):
+        StyleKitStyleAligned.execute(flux, True, True, True, False, 1.0, float("nan"), "custom", "", 0.0, 0.0, 1.0)
