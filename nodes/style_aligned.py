@@ -10,8 +10,10 @@ from comfy_api.latest import io
 from ..host.layer_select import ALL, CUSTOM, UP_ONLY, resolve_blocks
 from ..patching.sharing import installed_sharing
 from ..patching.style_aligned import StyleAlignedSettings, install_style_aligned
+from ..sampling.flow_inversion import FlowInversion
+from ..sampling.flow_reference import FlowTrajectoryReference
 from ..sampling.reference import TrajectoryReference, sample_with_reference
-from ..patching.joint_sharing import STYLE_ALIGNED
+from ..patching.joint_sharing import STYLE_ALIGNED, installed_joint_sharing
 from ._common import DISPLAY_NAMES, Trajectory, category, check_latent, node_error, percent_inputs
 from .dit_sharing import install_dit, is_dit, positions_input
 
@@ -162,6 +164,10 @@ class StyleKitStyleAlignedReferenceSampler(io.ComfyNode):
                 sampler_name, reference_step_offset, shared_score_shift, shared_score_scale, share_group_norm,
                 blocks, custom_blocks) -> io.NodeOutput:
         check_latent(SAMPLER_NAME, "latent_image", latent_image)
+        if is_dit(model) or isinstance(trajectory, FlowInversion):
+            return io.NodeOutput({"samples": _flow_reference_sample(
+                model, positive, negative, reference_positive, latent_image, trajectory, seed, cfg, sampler_name,
+                shared_score_shift, shared_score_scale, blocks, custom_blocks)})
         already = installed_sharing(model)
         if already:
             raise node_error(SAMPLER_NAME, "model", f"the model already has {already[0]} applied; "
@@ -185,6 +191,28 @@ class StyleKitStyleAlignedReferenceSampler(io.ComfyNode):
         except ValueError as err:
             raise ValueError(f"{SAMPLER_NAME}: {err}") from err
         return io.NodeOutput({"samples": out})
+
+
+def _flow_reference_sample(model, positive, negative, reference_positive, latent_image, trajectory, seed, cfg,
+                           sampler_name, shared_score_shift, shared_score_scale, blocks, custom_blocks):
+    """Flux / SD3: the reference row replays a flow inversion (sampling/flow_reference.py)."""
+    if not is_dit(model):
+        raise node_error(SAMPLER_NAME, "trajectory", "this trajectory is a flow inversion and the model is not a "
+                         "Flux or SD3 model; invert with the model you sample with")
+    if not isinstance(trajectory, FlowInversion):
+        raise node_error(SAMPLER_NAME, "trajectory", "the model is a Flux or SD3 model but the trajectory is a "
+                         "DDIM inversion; invert the image with StyleKit DDIM Inversion on this model")
+    if installed_joint_sharing(model):
+        raise node_error(SAMPLER_NAME, "model", f"the model already has {installed_joint_sharing(model)[0]} "
+                         "applied; connect the plain model, this sampler applies StyleAligned itself")
+    shared = install_dit(SAMPLER_NAME, model, STYLE_ALIGNED, blocks, custom_blocks,
+                         shared_score_scale=shared_score_scale, shared_score_shift=shared_score_shift)
+    try:
+        source = FlowTrajectoryReference(trajectory)
+        return sample_with_reference(shared, source, positive, negative, reference_positive, latent_image["samples"],
+                                     trajectory.sigmas, seed, cfg, sampler_name)
+    except ValueError as err:
+        raise ValueError(f"{SAMPLER_NAME}: {err}") from err
 
 
 NODES = [StyleKitStyleAligned, StyleKitStyleAlignedReferenceSampler]
