@@ -124,6 +124,10 @@ class StyleKitVisualStylePromptingReferenceSampler(io.ComfyNode):
                 scheduler, color_calibration, calibration_start_percent, calibration_end_percent, blocks,
                 custom_blocks, reference_latent=None, trajectory=None, reference_step_offset=0) -> io.NodeOutput:
         check_latent(SAMPLER_NAME, "latent_image", latent_image)
+        if is_dit(model):
+            raise node_error(SAMPLER_NAME, "model", "real-image Visual Style Prompting is not built for Flux or SD3 "
+                             "models yet; use StyleKit StyleAligned Reference Sampler with a flow inversion, or "
+                             "StyleKit Visual Style Prompting with a generated reference row")
         check_latent(SAMPLER_NAME, "reference_latent", reference_latent)
         already = installed_sharing(model)
         if already:
