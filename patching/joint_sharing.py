@@ -121,6 +121,16 @@ class JointShareBlock:
         finally:
             options.pop(self.mark, None)
 
+    # ModelPatcher moves and loads the patches it finds in model_options; the wrapped replace sits
+    # inside this one, where it cannot see it, so both calls are forwarded (as ReplacePatch does).
+    def to(self, device) -> "JointShareBlock":
+        if hasattr(self.previous, "to"):
+            self.previous = self.previous.to(device)
+        return self
+
+    def models(self) -> list:
+        return self.previous.models() if hasattr(self.previous, "models") else []
+
 
 class JointShareOverride:
     """The chained attention override (module docstring)."""

@@ -187,3 +187,39 @@ def test_the_stylekit_nodes_take_dit_models(flux, mmdit):
         StyleKitStyleAligned.execute(flux, True, True, True, False, 1.0, 0.0, "custom", "output 3", 0.0, 0.0, 1.0)
     with pytest.raises(ValueError, match="input 'shared_score_shift'"):
         StyleKitStyleAligned.execute(flux, True, True, True, False, 1.0, float("nan"), "custom", "", 0.0, 0.0, 1.0)
+
+
+def test_the_vsp_reference_sampler_refuses_dit_models(flux):
+    from stylekit.nodes.visual_style_prompting import StyleKitVisualStylePromptingReferenceSampler
+
+    cond = dit_conditioning(flux, tokens=TEXT)
+    with pytest.raises(ValueError, match="StyleKit Visual Style Prompting Reference Sampler: input 'model'"):
+        StyleKitVisualStylePromptingReferenceSampler.execute(
+            flux, cond, cond, cond, {"samples": torch.zeros(1, 16, SIDE, SIDE)}, 0, 4, 1.0, "euler", "simple", False,
+            0.85, 0.9, "highest-resolution up block", "")
+
+
+def test_a_block_replace_already_there_still_runs_inside_ours(flux):
+    # Another pack's replace on a shared block (e.g. a DiT IP-Adapter) keeps running, and is moved and
+    # loaded through ours.
+    m = flux.clone()
+    ran, moved = [], []
+
+    class Theirs:
+        def __call__(self, args, extra):
+            ran.append(args["transformer_options"]["block_index"])
+            return extra["original_block"](args)
+
+        def to(self, device):
+            moved.append(device)
+            return self
+
+        def models(self):
+            return ["their model"]
+
+    m.set_model_patch_replace(Theirs(), "dit", "single_block", 0)
+    shared = install_joint_sharing(m, JointSharingSettings(STYLE_ALIGNED, resolve_blocks(m, "single", STYLE_ALIGNED)))
+    ours = shared.model_options["transformer_options"]["patches_replace"]["dit"][("single_block", 0)]
+    assert ours.to("cpu") is ours and moved == ["cpu"] and ours.models() == ["their model"]
+    apply(shared, [0], 2)
+    assert ran == [0]
