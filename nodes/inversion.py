@@ -4,6 +4,7 @@ from __future__ import annotations
 import comfy.samplers
 from comfy_api.latest import io
 
+from ..sampling.flow_inversion import check_flow_model, invert_flow
 from ..sampling.inversion import DDIM, METHODS, invert, schedule
 from ._common import DISPLAY_NAMES, Trajectory, category, check_latent, node_error
 
@@ -29,7 +30,9 @@ class StyleKitDDIMInversion(io.ComfyNode):
                 "same model, prompt, cfg, steps and scheduler and no added noise to get the image back) and the "
                 "whole trajectory for the reference samplers. Official StyleAligned settings: ddim, 50 steps, "
                 "cfg 2, the image's caption as positive and a zeroed negative (ConditioningZeroOut). SD1.x, "
-                "SD2.x, SDXL."),
+                "SD2.x, SDXL. On rectified-flow models (Flux, SD3/3.5) method ddim inverts the flow ODE by "
+                "inverse Euler instead (cfg 1 and the scheduler 'simple' for Flux dev); its inverted latent is "
+                "the sampling noise, for StyleKit StyleAligned Reference Sampler's trajectory."),
             inputs=[
                 io.Model.Input("model"),
                 io.Conditioning.Input("positive", tooltip="A prompt describing the image (its caption)."),
@@ -68,6 +71,22 @@ class StyleKitDDIMInversion(io.ComfyNode):
                              f"make a trajectory of {size / 2**30:.1f} GiB, beyond the limit of "
                              f"{MAX_TRAJECTORY_BYTES / 2**30:.0f} GiB; use fewer steps (50 is official) or a "
                              "smaller latent")
+        try:
+            check_flow_model(model)
+            flow = True
+        except ValueError:
+            flow = False
+        if flow:
+            if method != DDIM:
+                raise node_error(NAME, "method", f"{method!r} inverts DDPM models (SD1.x, SD2.x, SDXL); this is a "
+                                 "rectified-flow model: choose ddim (inverse Euler of the flow)")
+            try:
+                inversion = invert_flow(model, latent_image["samples"], positive, negative,
+                                        schedule(model, scheduler, steps), cfg=cfg,
+                                        fixed_point_iterations=fixed_point_iterations)
+            except ValueError as err:
+                raise node_error(NAME, "scheduler", err) from err
+            return io.NodeOutput({"samples": model.model.process_latent_out(inversion.noise.clone())}, inversion)
         try:
             trajectory = invert(model, latent_image["samples"], positive, negative,
                                 schedule(model, scheduler, steps), cfg=cfg,

@@ -10,8 +10,12 @@ from comfy_api.latest import io
 from ..host.layer_select import ALL, CUSTOM, UP_ONLY, resolve_blocks
 from ..patching.sharing import installed_sharing
 from ..patching.style_aligned import StyleAlignedSettings, install_style_aligned
+from ..sampling.flow_inversion import FlowInversion
+from ..sampling.flow_reference import FlowTrajectoryReference
 from ..sampling.reference import TrajectoryReference, sample_with_reference
+from ..patching.joint_sharing import STYLE_ALIGNED, installed_joint_sharing
 from ._common import DISPLAY_NAMES, Trajectory, category, check_latent, node_error, percent_inputs
+from .dit_sharing import install_dit, is_dit, positions_input
 
 NAME = DISPLAY_NAMES["StyleKitStyleAligned"]
 SAMPLER_NAME = DISPLAY_NAMES["StyleKitStyleAlignedReferenceSampler"]
@@ -71,7 +75,10 @@ class StyleKitStyleAligned(io.ComfyNode):
                 "keys/values plus those of the batch's first image (the reference), with queries and keys "
                 "AdaIN-normalised to the reference's statistics after projection. Works whether ComfyUI "
                 "runs cond and uncond together or apart; put different prompts per image with StyleKit "
-                "Prompt Batch. Self-attention only (attn1); the model passed in is not changed."),
+                "Prompt Batch. Self-attention only (attn1); the model passed in is not changed. On Flux and "
+                "SD3/3.5 the image tokens of the joint attention are shared (text tokens never): blocks = "
+                "custom with empty custom_blocks gives the default (Flux: the single blocks, as the public "
+                "Flux StyleAligned; SD3: every joint block); GroupNorm and only_self_level are UNet-only."),
             inputs=[
                 io.Model.Input("model"),
                 _norm_input(),
@@ -85,16 +92,24 @@ class StyleKitStyleAligned(io.ComfyNode):
                                tooltip="Fraction of self-attention layers, spread regularly, left unshared "
                                        "(official option); 0 shares every chosen layer."),
                 *percent_inputs("sharing"),
+                positions_input(),
             ],
             outputs=[io.Model.Output()],
         )
 
     @classmethod
     def execute(cls, model, share_group_norm, adain_queries, adain_keys, adain_values, shared_score_scale,
-                shared_score_shift, blocks, custom_blocks, only_self_level, start_percent, end_percent) -> io.NodeOutput:
+                shared_score_shift, blocks, custom_blocks, only_self_level, start_percent, end_percent,
+                reference_positions=None) -> io.NodeOutput:
         if start_percent > end_percent:
             raise node_error(NAME, "start_percent", f"{start_percent} is after end_percent {end_percent}; "
                              "make start_percent <= end_percent")
+        if is_dit(model):
+            return io.NodeOutput(install_dit(
+                NAME, model, STYLE_ALIGNED, blocks, custom_blocks, adain_queries=adain_queries,
+                adain_keys=adain_keys, adain_values=adain_values, shared_score_scale=shared_score_scale,
+                shared_score_shift=shared_score_shift, start_percent=start_percent, end_percent=end_percent,
+                reference_positions=reference_positions))
         settings = StyleAlignedSettings(
             blocks=_resolve(NAME, model, blocks, custom_blocks), adain_queries=adain_queries,
             adain_keys=adain_keys, adain_values=adain_values, shared_score_scale=shared_score_scale,
@@ -150,6 +165,10 @@ class StyleKitStyleAlignedReferenceSampler(io.ComfyNode):
                 sampler_name, reference_step_offset, shared_score_shift, shared_score_scale, share_group_norm,
                 blocks, custom_blocks) -> io.NodeOutput:
         check_latent(SAMPLER_NAME, "latent_image", latent_image)
+        if is_dit(model) or isinstance(trajectory, FlowInversion):
+            return io.NodeOutput({"samples": _flow_reference_sample(
+                model, positive, negative, reference_positive, latent_image, trajectory, seed, cfg, sampler_name,
+                shared_score_shift, shared_score_scale, blocks, custom_blocks)})
         already = installed_sharing(model)
         if already:
             raise node_error(SAMPLER_NAME, "model", f"the model already has {already[0]} applied; "
@@ -173,6 +192,28 @@ class StyleKitStyleAlignedReferenceSampler(io.ComfyNode):
         except ValueError as err:
             raise ValueError(f"{SAMPLER_NAME}: {err}") from err
         return io.NodeOutput({"samples": out})
+
+
+def _flow_reference_sample(model, positive, negative, reference_positive, latent_image, trajectory, seed, cfg,
+                           sampler_name, shared_score_shift, shared_score_scale, blocks, custom_blocks):
+    """Flux / SD3: the reference row replays a flow inversion (sampling/flow_reference.py)."""
+    if not is_dit(model):
+        raise node_error(SAMPLER_NAME, "trajectory", "this trajectory is a flow inversion and the model is not a "
+                         "Flux or SD3 model; invert with the model you sample with")
+    if not isinstance(trajectory, FlowInversion):
+        raise node_error(SAMPLER_NAME, "trajectory", "the model is a Flux or SD3 model but the trajectory is a "
+                         "DDIM inversion; invert the image with StyleKit DDIM Inversion on this model")
+    if installed_joint_sharing(model):
+        raise node_error(SAMPLER_NAME, "model", f"the model already has {installed_joint_sharing(model)[0]} "
+                         "applied; connect the plain model, this sampler applies StyleAligned itself")
+    shared = install_dit(SAMPLER_NAME, model, STYLE_ALIGNED, blocks, custom_blocks,
+                         shared_score_scale=shared_score_scale, shared_score_shift=shared_score_shift)
+    try:
+        source = FlowTrajectoryReference(trajectory)
+        return sample_with_reference(shared, source, positive, negative, reference_positive, latent_image["samples"],
+                                     trajectory.sigmas, seed, cfg, sampler_name)
+    except ValueError as err:
+        raise ValueError(f"{SAMPLER_NAME}: {err}") from err
 
 
 NODES = [StyleKitStyleAligned, StyleKitStyleAlignedReferenceSampler]

@@ -7,10 +7,12 @@ from comfy_api.latest import io
 from ..host.layer_select import ALL, CUSTOM, UP_ONLY, VSP_DEFAULT
 from ..host.schedule import percent_window
 from ..patching.sharing import installed_sharing
-from ..patching.visual_style import VisualStyleSettings, install_visual_style_prompting
+from ..patching.visual_style import VisualStyleSettings, first_steps_guidance, install_visual_style_prompting
 from ..sampling.inversion import schedule
 from ..sampling.reference import NoisedReference, TrajectoryReference, sample_with_reference
 from ._common import DISPLAY_NAMES, Trajectory, category, check_latent, node_error, percent_inputs
+from ..patching.joint_sharing import VISUAL_STYLE
+from .dit_sharing import install_dit, is_dit, positions_input
 from .style_aligned import _blocks_inputs, _resolve
 
 NAME = DISPLAY_NAMES["StyleKitVisualStylePrompting"]
@@ -31,7 +33,10 @@ class StyleKitVisualStylePrompting(io.ComfyNode):
                 "stay, so content follows each image's prompt and style the reference. Default layers as "
                 "the official code: SDXL up_blocks.1 (output 3-5); on SD1.5 the matching highest-"
                 "resolution up block, up_blocks.3 (output 9-11). Self-attention only; works whether "
-                "ComfyUI runs cond and uncond together or apart."),
+                "ComfyUI runs cond and uncond together or apart. On Flux and SD3/3.5 the image-token keys "
+                "and values of the joint attention are swapped (text tokens kept); the default preset "
+                "gives Flux's Stable Flow vital layers (double 0, 1, 17, 18; single 6, 9, 34, 35, 37) and "
+                "SD3's second half of the joint blocks (StyleKit's choice: no published study)."),
             inputs=[
                 io.Model.Input("model"),
                 *_blocks_inputs(VSP_DEFAULT, PRESETS),
@@ -42,16 +47,23 @@ class StyleKitVisualStylePrompting(io.ComfyNode):
                                        "of 50 steps (7 after)."),
                 io.Int.Input("first_steps", default=3, min=0, max=10000,
                              tooltip="How many first steps use first_steps_cfg."),
+                positions_input(),
             ],
             outputs=[io.Model.Output()],
         )
 
     @classmethod
     def execute(cls, model, blocks, custom_blocks, start_percent, end_percent, first_steps_cfg,
-                first_steps) -> io.NodeOutput:
+                first_steps, reference_positions=None) -> io.NodeOutput:
         if start_percent > end_percent:
             raise node_error(NAME, "start_percent", f"{start_percent} is after end_percent {end_percent}; "
                              "make start_percent <= end_percent")
+        if is_dit(model):
+            m = install_dit(NAME, model, VISUAL_STYLE, blocks, custom_blocks, start_percent=start_percent,
+                            end_percent=end_percent, reference_positions=reference_positions)
+            if first_steps_cfg > 0.0 and first_steps > 0:
+                m.set_model_sampler_post_cfg_function(first_steps_guidance(first_steps_cfg, first_steps))
+            return io.NodeOutput(m)
         settings = VisualStyleSettings(blocks=_resolve(NAME, model, blocks, custom_blocks),
                                        start_percent=start_percent, end_percent=end_percent,
                                        first_steps_cfg=first_steps_cfg, first_steps=first_steps)
@@ -115,6 +127,10 @@ class StyleKitVisualStylePromptingReferenceSampler(io.ComfyNode):
                 scheduler, color_calibration, calibration_start_percent, calibration_end_percent, blocks,
                 custom_blocks, reference_latent=None, trajectory=None, reference_step_offset=0) -> io.NodeOutput:
         check_latent(SAMPLER_NAME, "latent_image", latent_image)
+        if is_dit(model):
+            raise node_error(SAMPLER_NAME, "model", "real-image Visual Style Prompting is not built for Flux or SD3 "
+                             "models yet; use StyleKit StyleAligned Reference Sampler with a flow inversion, or "
+                             "StyleKit Visual Style Prompting with a generated reference row")
         check_latent(SAMPLER_NAME, "reference_latent", reference_latent)
         already = installed_sharing(model)
         if already:
