@@ -28,6 +28,7 @@ from ..attention.dit_image_prompt import flux_ip_attention
 from ..attention.masks import mask_to_tokens
 from ..dit_adapters.flux_query import image_stream_query
 from ..dit_adapters.xlabs_flux import BlockKV, XLabsFluxAdapter
+from ..ip_adapter.encode import CombineError
 from ..host.batch import chunks
 from ..host.block_map import FLUX_DOUBLE, BlockMap, block_map
 from ..host.block_weights import ALL, CUSTOM, WEIGHT_RANGE, BlockWeightsError, parse_spec, resolve_block_weights
@@ -56,12 +57,14 @@ def flux_image_tokens(adapter: XLabsFluxAdapter, embeds: torch.Tensor, negative:
                               f"features of shape {tuple(embeds.shape)}; load the CLIP ViT-L/14 vision model")
     if negative is None:
         negative = torch.zeros_like(embeds[:1])
+    if negative.shape[0] not in (1, embeds.shape[0]) or negative.shape[1:] != embeds.shape[1:]:
+        raise AdapterMismatch(f"{negative.shape[0]} negative embeddings for {embeds.shape[0]} references; "
+                              "give one, or one per reference")
+    negative = negative.expand_as(embeds)
     with torch.no_grad():
         proj = adapter.projection
         cond = proj(embeds.float()).reshape(1, -1, adapter.context_dim)
         uncond = proj(negative.float()).reshape(1, -1, adapter.context_dim)
-    if uncond.shape[1] != cond.shape[1]:
-        uncond = uncond[:, :adapter.tokens].repeat(1, cond.shape[1] // adapter.tokens, 1)
     return FluxImageTokens(cond, uncond)
 
 
@@ -244,3 +247,34 @@ def apply_flux_ip_adapter(model_patcher, adapter: XLabsFluxAdapter, tokens: Flux
         if GRID_WRAPPER not in wrappers:
             m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, GRID_WRAPPER, _record_grid)
     return m
+
+
+def refuse_unet_adapter_on_dit(adapter, model_patcher) -> None:
+    """AdapterMismatch when a UNet IP-Adapter (SD1.5 / SDXL) meets a Flux or SD3 model."""
+    bm = block_map(model_patcher)
+    if bm.is_dit:
+        model = "Flux" if any(s.kind == FLUX_DOUBLE for s in bm) else "SD3/SD3.5"
+        family = getattr(adapter, "family", "a UNet model")
+        raise AdapterMismatch(f"{adapter.name} is an IP-Adapter for {family} but the model is {model}; "
+                              f"load an adapter made for {model} (Flux: XLabs flux-ip-adapter.safetensors)")
+
+
+def apply_flux_ip_adapter_embeds(model_patcher, adapter: XLabsFluxAdapter, embeds, settings) -> object:
+    """apply_flux_ip_adapter from the IP-Adapter nodes' inputs: ImageEmbeds (CLIP ViT-L image embeds,
+    cond and uncond [N, 768]) and IPAdapterSettings (combine: concat = each reference's tokens side by
+    side, average = one reference from the mean embedding)."""
+    if embeds.source != adapter.clip_input:
+        raise AdapterMismatch(f"{adapter.name} reads CLIP {adapter.clip_input} but the embeds hold {embeds.source}; "
+                              "encode the references for this adapter")
+    cond, uncond = embeds.cond, embeds.uncond
+    if settings.combine == "average":
+        cond, uncond = cond.mean(0, keepdim=True), uncond.mean(0, keepdim=True)
+    elif settings.combine != "concat":
+        raise CombineError(f"'{settings.combine}' is for adapters that read patch tokens; the XLabs Flux adapter reads "
+                         "one embedding per image: choose concat or average")
+    tokens = flux_image_tokens(adapter, cond, uncond)
+    flux_settings = FluxIPSettings(weight=settings.weight, start_percent=settings.start_percent,
+                                   end_percent=settings.end_percent, blocks=settings.blocks,
+                                   block_weights=settings.block_weights, attn_mask=settings.attn_mask,
+                                   node=settings.node)
+    return apply_flux_ip_adapter(model_patcher, adapter, tokens, flux_settings)
