@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io
 
-from ..ip_adapter.encode import COMBINE, ClipVisionMismatch, CombineError, check_clip_vision, encode_images
+from ..ip_adapter.encode import COMBINE, ImageEmbeds, ClipVisionMismatch, CombineError, check_clip_vision, encode_images
 from ..ip_adapter.files import ip_adapter_files, load_ip_adapter
 from ..ip_adapter.model import IPAdapterFileError
 from ..host.block_weights import ALL, CUSTOM, PRESETS, BlockWeightsError
@@ -19,6 +19,7 @@ from ..dit_adapters.files import load_dit_adapter
 from ..dit_adapters.instantx_sd35 import InstantXSD35Adapter
 from ..dit_adapters.xlabs_flux import XLabsFluxAdapter
 from ..patching.flux_ip_adapter import apply_flux_ip_adapter_embeds, refuse_unet_adapter_on_dit
+from ..patching.sd35_ip_adapter import apply_sd35_ip_adapter_embeds
 from ..patching.ip_adapter import AdapterMismatch, IPAdapterSettings, apply_ip_adapter_embeds
 from ._common import DISPLAY_NAMES, category, check_images, node_error
 
@@ -33,8 +34,10 @@ def _inject(node: str, model, ipadapter, embeds, settings: IPAdapterSettings, ap
         if isinstance(ipadapter, XLabsFluxAdapter):
             return apply_flux_ip_adapter_embeds(model, ipadapter, embeds, settings)
         if isinstance(ipadapter, InstantXSD35Adapter):
-            raise AdapterMismatch(f"{ipadapter.name} is an InstantX SD3.5-Large IP-Adapter, which this version of "
-                                  "StyleKit loads but cannot apply yet; use an XLabs Flux or a UNet IP-Adapter")
+            if settings.attn_mask is not None:
+                raise node_error(node, "attn_mask", "masks are not supported for the InstantX SD3.5 adapter yet; "
+                                 "disconnect attn_mask")
+            return apply_sd35_ip_adapter_embeds(model, ipadapter, embeds, settings)
         refuse_unet_adapter_on_dit(ipadapter, model)
         return apply(model, ipadapter, embeds, settings)
     except AdapterMismatch as err:
@@ -45,6 +48,13 @@ def _inject(node: str, model, ipadapter, embeds, settings: IPAdapterSettings, ap
         raise node_error(node, "embeds", err) from err
     except CombineError as err:
         raise node_error(node, "combine", err) from err
+
+
+def _dit_uncond(ipadapter, embeds: ImageEmbeds, negative_image) -> ImageEmbeds:
+    """InstantX SD3.5's uncond is zero features (diffusers), not a zero image's, unless a negative is given."""
+    if negative_image is None and isinstance(ipadapter, InstantXSD35Adapter):
+        return ImageEmbeds(embeds.cond, torch.zeros_like(embeds.cond), embeds.source)
+    return embeds
 
 
 def _negative_for(ipadapter, image, negative_image):
@@ -167,6 +177,7 @@ class StyleKitIPAdapterEncode(io.ComfyNode):
         try:
             embeds = encode_images(clip_vision, image, ipadapter.clip_input,
                                    _negative_for(ipadapter, image, negative_image), crop=crop == "center")
+            embeds = _dit_uncond(ipadapter, embeds, negative_image)
         except ValueError as err:
             raise node_error(node, "negative_image", err) from err
         return io.NodeOutput(embeds)
@@ -233,6 +244,7 @@ class StyleKitIPAdapter(io.ComfyNode):
             raise node_error(node, "clip_vision", err) from err
         try:
             embeds = encode_images(clip_vision, image, ipadapter.clip_input, _negative_for(ipadapter, image, negative_image))
+            embeds = _dit_uncond(ipadapter, embeds, negative_image)
         except ValueError as err:
             raise node_error(node, "negative_image", err) from err
         return io.NodeOutput(_inject(node, model, ipadapter, embeds, settings))

@@ -179,3 +179,21 @@ def apply_sd35_ip_adapter(model_patcher, adapter: InstantXSD35Adapter, features:
                                                     adapter.layers[index], tokens, w, window),
                                   "dit", "double_block", index)
     return m
+
+
+def apply_sd35_ip_adapter_embeds(model_patcher, adapter: InstantXSD35Adapter, embeds, settings):
+    """apply_sd35_ip_adapter from the IP-Adapter nodes' inputs (ImageEmbeds of penultimate hidden
+    states, IPAdapterSettings); several references give their tokens side by side (concat)."""
+    from ..ip_adapter.encode import CombineError
+
+    if settings.combine != "concat":
+        raise CombineError(f"the InstantX SD3.5 adapter takes each reference's tokens side by side: choose concat, "
+                           f"not {settings.combine}")
+    if settings.attn_mask is not None:
+        raise ValueError("masks are not supported for the InstantX SD3.5 adapter yet; disconnect attn_mask")
+    if embeds.source != adapter.clip_input:
+        raise AdapterMismatch(f"{adapter.name} reads SigLIP {adapter.clip_input} but the embeds hold {embeds.source}; "
+                              "encode the references for this adapter")
+    sd35 = SD35IPSettings(weight=settings.weight, start_percent=settings.start_percent, end_percent=settings.end_percent,
+                          blocks=settings.blocks, block_weights=settings.block_weights)
+    return apply_sd35_ip_adapter(model_patcher, adapter, embeds.cond, sd35, negative=embeds.uncond)
