@@ -31,6 +31,9 @@ CATEGORY = category("IP-Adapter")
 
 def _inject(node: str, model, ipadapter, embeds, settings: IPAdapterSettings, apply=apply_ip_adapter_embeds):
     try:
+        if isinstance(ipadapter, (XLabsFluxAdapter, InstantXSD35Adapter)) and apply is not apply_ip_adapter_embeds:
+            raise AdapterMismatch(f"{ipadapter.name} is a DiT (Flux / SD3.5) IP-Adapter; this node's controls are for "
+                                  "UNet adapters: use StyleKit IP-Adapter or IP-Adapter Apply Embeds")
         if isinstance(ipadapter, XLabsFluxAdapter):
             return apply_flux_ip_adapter_embeds(model, ipadapter, embeds, settings)
         if isinstance(ipadapter, InstantXSD35Adapter):
@@ -220,7 +223,8 @@ class StyleKitIPAdapter(io.ComfyNode):
                          "into the chosen cross-attention blocks (IP-Adapter; with the InstantStyle presets, only the "
                          "style and/or layout blocks). Works on a copy of the model; stacks with other adapters."),
             inputs=[io.Model.Input("model"), IPAdapterType.Input("ipadapter"),
-                    io.ClipVision.Input("clip_vision", tooltip="Must match the adapter (ViT-H or ViT-bigG)."),
+                    io.ClipVision.Input("clip_vision", tooltip="Must match the adapter (ViT-H or ViT-bigG; ViT-L/14 for "
+                                                               "XLabs Flux, SigLIP so400m for InstantX SD3.5)."),
                     io.Image.Input("image", tooltip="One or more reference images (a batch)."),
                     *injection_inputs(),
                     io.Image.Input("negative_image", optional=True,
