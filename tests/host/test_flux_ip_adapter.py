@@ -203,3 +203,29 @@ def test_a_flux_adapter_on_sd3_and_mismatched_vision_features_are_refused(flux):
         apply_flux_ip_adapter(tiny_mmdit(seed=1), adapter, flux_image_tokens(adapter, embeds(1)), FluxIPSettings())
     with pytest.raises(AdapterMismatch, match="CLIP ViT-L/14"):
         flux_image_tokens(adapter, torch.zeros(1, 1024))
+
+
+def test_a_masked_adapter_samples_with_cfg_and_a_window_and_leaves_the_model_clean(flux):
+    # Through core's sampler: cond/uncond chunks, sigmas for the window, the token-grid wrapper.
+    import comfy.sample
+    import comfy.samplers
+
+    from stylekit.tests.support.tiny_dits import tiny_flux_conditioning
+
+    adapter = xlabs_flux_from_state_dict(adapter_file(24), "a")
+    mask = torch.zeros(1, 11, 13)
+    mask[:, 5:] = 1.0   # lower half of an 11x13 latent (odd sides: core pads to the 6x7 token grid)
+    m = apply_flux_ip_adapter(flux, adapter, flux_image_tokens(adapter, embeds(25), torch.zeros(1, CLIP)),
+                              FluxIPSettings(weight=1.0, end_percent=0.6, attn_mask=mask))
+
+    def sample(model):
+        noise = torch.randn(1, 16, 11, 13, generator=torch.Generator().manual_seed(26))
+        sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "simple", 3).cpu()
+        return comfy.sample.sample_custom(model, noise, 2.0, comfy.samplers.sampler_object("euler"), sigmas,
+                                          tiny_flux_conditioning(1, TEXT), tiny_flux_conditioning(2, TEXT),
+                                          torch.zeros_like(noise), disable_pbar=True)
+
+    plain = sample(flux)
+    patched = sample(m)
+    assert torch.isfinite(patched).all() and (patched - plain).abs().max() > 1e-3
+    assert torch.equal(sample(flux), plain)
