@@ -104,3 +104,21 @@ def test_apply_embeds_patches_sd35_joint_blocks_and_refuses_a_mask(comfy_host):
     with pytest.raises(ValueError, match=r"^StyleKit IP-Adapter Apply Embeds: input 'ipadapter': ip-adapter.bin is an "
                                          r"InstantX SD3.5-Large IP-Adapter but the model is not an SD3"):
         StyleKitIPAdapterApplyEmbeds.execute(model=tiny_flux(seed=1), ipadapter=adapter, embeds=embeds, **INJECTION)
+
+
+def test_the_xlabs_v1_file_at_real_widths_loads_and_samples_on_the_flux_dev_fixture(flux_dev):
+    import comfy.sample
+    import comfy.samplers
+
+    from stylekit.tests.support.tiny_dits import dit_conditioning
+
+    (adapter,) = StyleKitIPAdapterLoader.execute(ipadapter_file="flux-ip-adapter.safetensors").args
+    assert (adapter.version, adapter.clip_width, adapter.context_dim, adapter.hidden) == ("v1", 768, 4096, 3072)
+    (m,) = StyleKitIPAdapterApplyEmbeds.execute(model=flux_dev, ipadapter=adapter, embeds=flux_embeds(1, 768),
+                                                **INJECTION).args
+    noise = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(1))
+    sigmas = comfy.samplers.calculate_sigmas(m.get_model_object("model_sampling"), "simple", 1).cpu()
+    run = lambda model: comfy.sample.sample_custom(model, noise, 1.0, comfy.samplers.sampler_object("euler"), sigmas,
+                                                   dit_conditioning(model), [], torch.zeros_like(noise), disable_pbar=True)
+    plain, patched = run(flux_dev), run(m)
+    assert torch.isfinite(patched).all() and not torch.equal(plain, patched)
