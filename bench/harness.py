@@ -66,11 +66,29 @@ def _weights_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.model.parameters())
 
 
+def _dit(name: str):
+    """Tiny core Flux / SD3.5-Large-layout MMDiT (tests/support/tiny_dits.py): full token counts at the
+    case's side, width reduced (no tiny T5 exists; the conditioning is seeded tensors)."""
+    from stylekit.tests.support.tiny_dits import dit_conditioning, tiny_flux, tiny_mmdit
+
+    model = tiny_flux(seed=0) if name == "tiny_flux" else tiny_mmdit(seed=0)
+    return model, dit_conditioning(model, seed=1), dit_conditioning(model, seed=2)
+
+
+DIT_MODELS = ("tiny_flux", "tiny_sd35")
+
+
 def measure(case: Case, repeats: int = 3) -> Result:
-    model, clip, vae = load_checkpoint(CHECKPOINTS[case.model])
+    if case.model in DIT_MODELS:
+        model, positive, negative = _dit(case.model)
+        clip = vae = None
+        channels = 16
+    else:
+        model, clip, vae = load_checkpoint(CHECKPOINTS[case.model])
+        positive, negative = _conditioning(clip, "a lighthouse"), _conditioning(clip, "")
+        channels = 4
     patched = case.patch(model, clip, vae)
-    positive, negative = _conditioning(clip, "a lighthouse"), _conditioning(clip, "")
-    latent = torch.zeros(case.batch, 4, case.side // 8, case.side // 8)
+    latent = torch.zeros(case.batch, channels, case.side // 8, case.side // 8)
     run = case.run or (lambda m: _sample(m, positive, negative, latent, case.steps))
     run(model)  # warm-up: loads weights, builds kernels
     run(patched)

@@ -5,6 +5,8 @@ import os
 
 import comfy.utils
 
+from ..host.model_files import LoadedOnce
+
 from .instantx_sd35 import InstantXSD35Adapter, instantx_sd35_from_state_dict, is_instantx_sd35
 from .xlabs_flux import XLabsFluxAdapter, is_xlabs_flux, xlabs_flux_from_state_dict
 
@@ -33,3 +35,11 @@ def dit_adapter_from_state_dict(sd: dict, name: str) -> DiTAdapter:
 def read_dit_adapter(path: str) -> DiTAdapter:
     """Load a .safetensors or .bin DiT IP-Adapter (weights only; no pickled code runs)."""
     return dit_adapter_from_state_dict(comfy.utils.load_torch_file(path, safe_load=True), os.path.basename(path))
+
+
+_loaded = LoadedOnce("ipadapter", read_dit_adapter)
+
+
+def load_dit_adapter(filename: str) -> DiTAdapter:
+    """The DiT adapter `filename` of models/ipadapter (the IP-Adapter folder), read once per file version."""
+    return _loaded.load(filename)

@@ -149,6 +149,7 @@ class InstantXSD35Adapter:
 
     kind = "instantx_sd35"
     clip_input = "penultimate_hidden_states"
+    clip_vision = "SigLIP so400m-patch14-384"
 
     def __deepcopy__(self, memo):
         return self

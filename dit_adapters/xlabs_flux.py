@@ -65,6 +65,7 @@ class XLabsFluxAdapter:
 
     kind = "xlabs_flux"
     clip_input = "image_embeds"
+    clip_vision = "ViT-L/14"
 
     def __deepcopy__(self, memo):
         return self

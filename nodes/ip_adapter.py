@@ -11,10 +11,15 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io
 
-from ..ip_adapter.encode import COMBINE, ClipVisionMismatch, CombineError, check_clip_vision, encode_images
+from ..ip_adapter.encode import COMBINE, ImageEmbeds, ClipVisionMismatch, CombineError, check_clip_vision, encode_images
 from ..ip_adapter.files import ip_adapter_files, load_ip_adapter
 from ..ip_adapter.model import IPAdapterFileError
 from ..host.block_weights import ALL, CUSTOM, PRESETS, BlockWeightsError
+from ..dit_adapters.files import load_dit_adapter
+from ..dit_adapters.instantx_sd35 import InstantXSD35Adapter
+from ..dit_adapters.xlabs_flux import XLabsFluxAdapter
+from ..patching.flux_ip_adapter import apply_flux_ip_adapter_embeds, refuse_unet_adapter_on_dit
+from ..patching.sd35_ip_adapter import apply_sd35_ip_adapter_embeds
 from ..patching.ip_adapter import AdapterMismatch, IPAdapterSettings, apply_ip_adapter_embeds
 from ._common import DISPLAY_NAMES, MAX_REFERENCES, category, check_images, node_error
 
@@ -26,6 +31,17 @@ CATEGORY = category("IP-Adapter")
 
 def _inject(node: str, model, ipadapter, embeds, settings: IPAdapterSettings, apply=apply_ip_adapter_embeds):
     try:
+        if isinstance(ipadapter, (XLabsFluxAdapter, InstantXSD35Adapter)) and apply is not apply_ip_adapter_embeds:
+            raise AdapterMismatch(f"{ipadapter.name} is a DiT (Flux / SD3.5) IP-Adapter; this node's controls are for "
+                                  "UNet adapters: use StyleKit IP-Adapter or IP-Adapter Apply Embeds")
+        if isinstance(ipadapter, XLabsFluxAdapter):
+            return apply_flux_ip_adapter_embeds(model, ipadapter, embeds, settings)
+        if isinstance(ipadapter, InstantXSD35Adapter):
+            if settings.attn_mask is not None:
+                raise node_error(node, "attn_mask", "masks are not supported for the InstantX SD3.5 adapter yet; "
+                                 "disconnect attn_mask")
+            return apply_sd35_ip_adapter_embeds(model, ipadapter, embeds, settings)
+        refuse_unet_adapter_on_dit(ipadapter, model)
         return apply(model, ipadapter, embeds, settings)
     except AdapterMismatch as err:
         raise node_error(node, "ipadapter", err) from err
@@ -35,6 +51,21 @@ def _inject(node: str, model, ipadapter, embeds, settings: IPAdapterSettings, ap
         raise node_error(node, "embeds", err) from err
     except CombineError as err:
         raise node_error(node, "combine", err) from err
+
+
+def _dit_uncond(ipadapter, embeds: ImageEmbeds, negative_image) -> ImageEmbeds:
+    """InstantX SD3.5's uncond is zero features (diffusers), not a zero image's, unless a negative is given."""
+    if negative_image is None and isinstance(ipadapter, InstantXSD35Adapter):
+        return ImageEmbeds(embeds.cond, torch.zeros_like(embeds.cond), embeds.source)
+    return embeds
+
+
+def _negative_for(ipadapter, image, negative_image):
+    """The XLabs Flux adapter's uncond is a black image's embedding (diffusers' Flux pipeline);
+    other adapters keep their reference uncond (zeros / zero image) unless a negative is given."""
+    if negative_image is None and isinstance(ipadapter, XLabsFluxAdapter):
+        return torch.zeros_like(image[:1])
+    return negative_image
 
 
 def _mask_frames(mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -88,8 +119,8 @@ class StyleKitIPAdapterLoader(io.ComfyNode):
             category=CATEGORY,
             description=("Loads an official IP-Adapter file from models/ipadapter (.safetensors or .bin), or a "
                          "StyleAdapter checkpoint in the layout the README documents. The type (base, plus, full-face, "
-                         "styleadapter), the base model (SD1.5 or SDXL) and the CLIP vision model it needs are read "
-                         "from the tensor shapes, not the file name."),
+                         "styleadapter), the base model (SD1.5, SDXL, or Flux for XLabs' flux-ip-adapter files) and "
+                         "the CLIP vision model it needs are read from the tensor shapes, not the file name."),
             inputs=[io.Combo.Input("ipadapter_file", options=ip_adapter_files(),
                                    tooltip="A file in models/ipadapter, e.g. ip-adapter_sd15.safetensors.")],
             outputs=[IPAdapterType.Output(display_name="ipadapter")],
@@ -99,7 +130,14 @@ class StyleKitIPAdapterLoader(io.ComfyNode):
     def execute(cls, ipadapter_file) -> io.NodeOutput:
         try:
             return io.NodeOutput(load_ip_adapter(ipadapter_file))
-        except (IPAdapterFileError, FileNotFoundError) as err:
+        except IPAdapterFileError as err:
+            try:   # a DiT adapter (XLabs Flux, InstantX SD3.5), told apart by its tensor shapes
+                return io.NodeOutput(load_dit_adapter(ipadapter_file))
+            except ValueError:
+                raise node_error(DISPLAY_NAMES["StyleKitIPAdapterLoader"], "ipadapter_file",
+                                 f"{ipadapter_file} is not a usable IP-Adapter: {err}; choose an official IP-Adapter "
+                                 "file (image_proj.* and ip_adapter.* weights)") from err
+        except FileNotFoundError as err:
             raise node_error(DISPLAY_NAMES["StyleKitIPAdapterLoader"], "ipadapter_file",
                              f"{ipadapter_file} is not a usable IP-Adapter: {err}; choose an official IP-Adapter "
                              "file (image_proj.* and ip_adapter.* weights)") from err
@@ -140,7 +178,9 @@ class StyleKitIPAdapterEncode(io.ComfyNode):
         except ClipVisionMismatch as err:
             raise node_error(node, "clip_vision", err) from err
         try:
-            embeds = encode_images(clip_vision, image, ipadapter.clip_input, negative_image, crop=crop == "center")
+            embeds = encode_images(clip_vision, image, ipadapter.clip_input,
+                                   _negative_for(ipadapter, image, negative_image), crop=crop == "center")
+            embeds = _dit_uncond(ipadapter, embeds, negative_image)
         except ValueError as err:
             raise node_error(node, "negative_image", err) from err
         return io.NodeOutput(embeds)
@@ -183,7 +223,8 @@ class StyleKitIPAdapter(io.ComfyNode):
                          "into the chosen cross-attention blocks (IP-Adapter; with the InstantStyle presets, only the "
                          "style and/or layout blocks). Works on a copy of the model; stacks with other adapters."),
             inputs=[io.Model.Input("model"), IPAdapterType.Input("ipadapter"),
-                    io.ClipVision.Input("clip_vision", tooltip="Must match the adapter (ViT-H or ViT-bigG)."),
+                    io.ClipVision.Input("clip_vision", tooltip="Must match the adapter (ViT-H or ViT-bigG; ViT-L/14 for "
+                                                               "XLabs Flux, SigLIP so400m for InstantX SD3.5)."),
                     io.Image.Input("image", tooltip="One or more reference images (a batch)."),
                     *injection_inputs(),
                     io.Image.Input("negative_image", optional=True,
@@ -206,7 +247,8 @@ class StyleKitIPAdapter(io.ComfyNode):
         except ClipVisionMismatch as err:
             raise node_error(node, "clip_vision", err) from err
         try:
-            embeds = encode_images(clip_vision, image, ipadapter.clip_input, negative_image)
+            embeds = encode_images(clip_vision, image, ipadapter.clip_input, _negative_for(ipadapter, image, negative_image))
+            embeds = _dit_uncond(ipadapter, embeds, negative_image)
         except ValueError as err:
             raise node_error(node, "negative_image", err) from err
         return io.NodeOutput(_inject(node, model, ipadapter, embeds, settings))
