@@ -26,6 +26,7 @@ import re
 from typing import Iterable
 
 from .block_map import AttentionSite, BlockMap
+from .echo import echo
 
 MAX_ENTRY = 200          # characters of one entry: more is not a block name
 MAX_LIST_CHARS = 4_000   # a whole list: every SDXL block by diffusers name is ~600; checked before parsing
@@ -52,7 +53,7 @@ def sites_named(bm: BlockMap, entry: str) -> list[AttentionSite]:
     """The sites one entry names, in map order (module docstring)."""
     name = entry.strip().lower()
     if len(name) > MAX_ENTRY:
-        raise BlockNameError(f"'{name[:40]}...' is too long for a block name")
+        raise BlockNameError(f"{echo(name)} is too long for a block name (at most {MAX_ENTRY} characters)")
     if name == "all":
         return list(bm)
     match = _ID.fullmatch(name)

@@ -26,6 +26,7 @@ DISPLAY_NAMES = {
     "StyleKitIPAdapter": "StyleKit IP-Adapter",
     "StyleKitIPAdapterAdvanced": "StyleKit IP-Adapter Advanced",
     "StyleKitIPAdapterTiled": "StyleKit IP-Adapter Tiled",
+    "StyleKitImageBatch": "StyleKit Image Batch",
     "StyleKitPromptBatch": "StyleKit Prompt Batch",
     "StyleKitStyleAligned": "StyleKit StyleAligned",
     "StyleKitStyleAlignedReferenceSampler": "StyleKit StyleAligned Reference Sampler",

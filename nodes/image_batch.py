@@ -6,9 +6,9 @@ import comfy.utils
 import torch
 from comfy_api.latest import io
 
-from ._common import MAX_REFERENCES, category, check_count
+from ._common import DISPLAY_NAMES, MAX_REFERENCES, category, check_count
 
-NAME = "StyleKit Image Batch"
+NAME = DISPLAY_NAMES["StyleKitImageBatch"]
 SLOTS = 8
 
 

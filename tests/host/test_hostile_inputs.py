@@ -134,7 +134,7 @@ def test_noised_reference_accepts_the_largest_seed():
 def test_a_replaced_file_whose_mtime_was_restored_is_read_again(comfy_host, tmp_path):
     import os
 
-    from stylekit.patching import model_files
+    from stylekit.host import model_files
 
     folder = "stylekit_test_loaded_once"
     reads = []
