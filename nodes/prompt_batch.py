@@ -4,7 +4,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..sampling.conditioning import encode_lines
-from ._common import DISPLAY_NAMES, category, node_error
+from ._common import DISPLAY_NAMES, category
 
 NAME = DISPLAY_NAMES["StyleKitPromptBatch"]
 
@@ -33,7 +33,7 @@ class StyleKitPromptBatch(io.ComfyNode):
         try:
             conditioning = encode_lines(clip, text)
         except ValueError as err:
-            raise node_error(NAME, "text", err) from err
+            raise ValueError(f"{NAME}: {err}") from err  # the glue names the input itself
         return io.NodeOutput(conditioning, conditioning[0][0].shape[0])
 
 
