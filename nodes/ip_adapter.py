@@ -133,7 +133,7 @@ class StyleKitIPAdapterLoader(io.ComfyNode):
         except IPAdapterFileError as err:
             try:   # a DiT adapter (XLabs Flux, InstantX SD3.5), told apart by its tensor shapes
                 return io.NodeOutput(load_dit_adapter(ipadapter_file))
-            except ValueError:
+            except Exception:   # not a DiT adapter either, or unreadable: the first reason is the one to show
                 raise node_error(DISPLAY_NAMES["StyleKitIPAdapterLoader"], "ipadapter_file",
                                  f"{ipadapter_file} is not a usable IP-Adapter: {err}; choose an official IP-Adapter "
                                  "file (image_proj.* and ip_adapter.* weights)") from err

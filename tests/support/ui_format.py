@@ -22,7 +22,9 @@ from collections import defaultdict
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 NOTE_TYPE = "MarkdownNote"
-COLUMN_WIDTH = 420
+# Nodes are placed 360 px wide; the frontend widens some to fit their widget labels (up to ~435 px
+# measured), so columns leave room for that.
+COLUMN_WIDTH = 460
 ROW_GAP = 40
 NOTE_WIDTH = 380
 # The frontend's Markdown note fits about 72 characters on a 13 px line at this width; headings and
@@ -149,7 +151,11 @@ def api_to_ui(api: dict, object_info: dict, note: str | None = None,
             widgets_values.extend(_extra_widget_values(name, kind, options))
         outputs = [{"name": info["output_name"][i], "type": t, "links": outgoing.get((int(node_id), i), []),
                     "slot_index": i} for i, t in enumerate(info["output"])]
-        height = 60 + 26 * len(widgets_values) + 22 * max(len(incoming[int(node_id)]), len(outputs))
+        # The frontend draws a slot for every socket input, connected or not (optional image slots
+        # included), and one for each linked widget.
+        sockets = sum(1 for _, kind, _ in _input_specs(info) if not _is_widget(kind))
+        linked_widgets = sum(1 for i in incoming[int(node_id)] if "widget" in i)
+        height = 60 + 26 * len(widgets_values) + 22 * max(sockets + linked_widgets, len(outputs))
         if any(options.get("image_upload") for _, _, options in _input_specs(info)):
             height += IMAGE_PREVIEW_PX
         column = depth[node_id]
