@@ -32,6 +32,7 @@ import comfy.utils
 import torch
 
 from ..host.trajectory import step_position
+from .inversion import inverse_euler_step
 
 
 @dataclass(frozen=True)
@@ -86,11 +87,8 @@ def sample_flow_inversion(model, x, sigmas, extra_args=None, callback=None, disa
         trajectory.append(x.to("cpu", copy=True))
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = model(x, sigma_next * s_in, **extra_args)
-        x_next = x + (x - denoised) / sigma_next * (sigma_next - sigma)
-        for _ in range(fixed_point_iterations):
-            denoised = model(x_next, sigma_next * s_in, **extra_args)
-            x_next = x + (x_next - denoised) / sigma_next * (sigma_next - sigma)
+        x_next, denoised = inverse_euler_step(model, x, x, sigma, sigma_next, s_in, extra_args,
+                                              fixed_point_iterations)
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigma_next, "sigma_hat": sigma_next, "denoised": denoised})
         x = x_next

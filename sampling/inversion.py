@@ -38,6 +38,19 @@ DDIM, RENOISE = "ddim", "renoise"
 METHODS = (DDIM, RENOISE)
 
 
+def inverse_euler_step(model, x, x_in, sigma, sigma_next, s_in, extra_args: dict, iterations: int):
+    """One inverse Euler step from sigma up to sigma_next: x' = x + (x_in − D(x_in, σ'))/σ'·(σ' − σ),
+    the model evaluated at the destination level on x_in (x itself, or x as the model must see it);
+    then `iterations` fixed-point refinements re-evaluate it at the current estimate of x' (the exact
+    inverse of a forward Euler step). Returns (x', the last denoised prediction)."""
+    denoised = model(x_in, sigma_next * s_in, **extra_args)
+    x_next = x + (x_in - denoised) / sigma_next * (sigma_next - sigma)
+    for _ in range(iterations):
+        denoised = model(x_next, sigma_next * s_in, **extra_args)
+        x_next = x + (x_next - denoised) / sigma_next * (sigma_next - sigma)
+    return x_next, denoised
+
+
 @torch.no_grad()
 def sample_ddim_inversion(model, x, sigmas, extra_args=None, callback=None, disable=None, trajectory=None,
                           fixed_point_iterations: int = 0, sigma_start: float = 0.0):
@@ -58,12 +71,8 @@ def sample_ddim_inversion(model, x, sigmas, extra_args=None, callback=None, disa
     for i in range(len(sigmas) - 1):
         sigma = float(sigma_start) if i == 0 else float(sigmas[i])
         sigma_next = float(sigmas[i + 1])
-        x_in = x * level_scale(sigma, sigma_next)
-        denoised = model(x_in, sigma_next * s_in, **extra_args)
-        x_next = x + (x_in - denoised) / sigma_next * (sigma_next - sigma)
-        for _ in range(fixed_point_iterations):
-            denoised = model(x_next, sigma_next * s_in, **extra_args)
-            x_next = x + (x_next - denoised) / sigma_next * (sigma_next - sigma)
+        x_next, denoised = inverse_euler_step(model, x, x * level_scale(sigma, sigma_next), sigma, sigma_next,
+                                              s_in, extra_args, fixed_point_iterations)
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigma_next, "sigma_hat": sigma_next, "denoised": denoised})
         x = x_next
