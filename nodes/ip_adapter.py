@@ -85,6 +85,16 @@ def settings_from_inputs(node: str, weight, start_percent, end_percent, blocks, 
                              block_weights=block_weights, combine=combine, attn_mask=_mask_frames(attn_mask), node=node)
 
 
+def negative_image_input():
+    return io.Image.Input("negative_image", optional=True,
+                          tooltip="Replaces the unconditional reference (one image, or one per reference).")
+
+
+def attn_mask_input():
+    return io.Mask.Input("attn_mask", optional=True,
+                         tooltip="Where the image prompt acts (1) and where not (0); one mask or one per latent.")
+
+
 def injection_inputs() -> list:
     """The inputs every apply node shares, in graph order after the adapter and image inputs."""
     return [
@@ -162,8 +172,7 @@ class StyleKitIPAdapterEncode(io.ComfyNode):
                 io.Combo.Input("crop", options=["center", "none"], default="center",
                                tooltip="center: resize the short side to 224 and crop the middle (as the reference "
                                        "processor); none: squash the whole image to 224x224."),
-                io.Image.Input("negative_image", optional=True,
-                               tooltip="Replaces the unconditional reference (one image, or one per reference)."),
+                negative_image_input(),
             ],
             outputs=[ImageEmbedsType.Output(display_name="embeds")],
         )
@@ -198,8 +207,7 @@ class StyleKitIPAdapterApplyEmbeds(io.ComfyNode):
                          "a copy of the model and stacks with other adapters and attention patches."),
             inputs=[io.Model.Input("model"), IPAdapterType.Input("ipadapter"), ImageEmbedsType.Input("embeds"),
                     *injection_inputs(),
-                    io.Mask.Input("attn_mask", optional=True,
-                                  tooltip="Where the image prompt acts (1) and where not (0); one mask or one per latent.")],
+                    attn_mask_input()],
             outputs=[io.Model.Output()],
         )
 
@@ -227,10 +235,8 @@ class StyleKitIPAdapter(io.ComfyNode):
                                                                "XLabs Flux, SigLIP so400m for InstantX SD3.5)."),
                     io.Image.Input("image", tooltip="One or more reference images (a batch)."),
                     *injection_inputs(),
-                    io.Image.Input("negative_image", optional=True,
-                                   tooltip="Replaces the unconditional reference (one image, or one per reference)."),
-                    io.Mask.Input("attn_mask", optional=True,
-                                  tooltip="Where the image prompt acts (1) and where not (0); one mask or one per latent.")],
+                    negative_image_input(),
+                    attn_mask_input()],
             outputs=[io.Model.Output()],
         )
 

@@ -13,7 +13,8 @@ from ..ip_adapter.weight_types import WEIGHT_TYPES
 from ..patching.ip_adapter_controls import (MAX_FRAMES, IPAdapterControls, apply_ip_adapter_controlled,
                                             apply_ip_adapter_tiled)
 from ._common import DISPLAY_NAMES, category, check_images, node_error
-from .ip_adapter import IPAdapterType, _inject, injection_inputs, settings_from_inputs
+from .ip_adapter import (IPAdapterType, _inject, attn_mask_input, injection_inputs, negative_image_input,
+                         settings_from_inputs)
 
 CATEGORY = category("IP-Adapter")
 ADVANCED = DISPLAY_NAMES["StyleKitIPAdapterAdvanced"]
@@ -88,10 +89,7 @@ class StyleKitIPAdapterAdvanced(io.ComfyNode):
                     io.String.Input("frame_weights", multiline=True, default="",
                                     tooltip="One weight per latent, e.g. '1.0, 0.8, 0.5' (the last repeats); replaces "
                                             "weight. Empty: weight for every latent."),
-                    io.Image.Input("negative_image", optional=True,
-                                   tooltip="Replaces the unconditional reference (one image, or one per reference)."),
-                    io.Mask.Input("attn_mask", optional=True,
-                                  tooltip="Where the image prompt acts (1) and where not (0); one mask or one per latent.")],
+                    negative_image_input(), attn_mask_input()],
             outputs=[io.Model.Output()],
         )
 
