@@ -12,13 +12,14 @@ from ..ip_adapter.encode import ClipVisionMismatch, check_clip_vision, encode_im
 from ..ip_adapter.weight_types import WEIGHT_TYPES
 from ..patching.ip_adapter_controls import (MAX_FRAMES, IPAdapterControls, apply_ip_adapter_controlled,
                                             apply_ip_adapter_tiled)
-from ._common import DISPLAY_NAMES, category, check_images, node_error
+from ._common import DISPLAY_NAMES, category, check_images, check_text_length, node_error
 from .ip_adapter import (IPAdapterType, _inject, attn_mask_input, injection_inputs, negative_image_input,
                          settings_from_inputs)
 
 CATEGORY = category("IP-Adapter")
 ADVANCED = DISPLAY_NAMES["StyleKitIPAdapterAdvanced"]
 TILED = DISPLAY_NAMES["StyleKitIPAdapterTiled"]
+MAX_FRAME_WEIGHTS_CHARS = 16 * MAX_FRAMES   # a number and a separator per frame
 
 
 def control_inputs() -> list:
@@ -54,6 +55,7 @@ def _controls(node: str, weight_type, weight_composition, embeds_scaling, skip_m
 
 def parse_frame_weights(node: str, text: str) -> tuple[float, ...] | None:
     """"1.0, 0.8, 0.5" -> one weight per latent; empty -> None (the weight input for every latent)."""
+    check_text_length(node, "frame_weights", text, MAX_FRAME_WEIGHTS_CHARS)   # before it is split
     items = [x for x in text.replace("\n", ",").split(",") if x.strip()]
     if not items:
         return None

@@ -217,3 +217,11 @@ def test_per_frame_weights_and_unfold_give_each_latent_its_reference_and_weight(
     want = reference_attention(q, k, v, site.heads) + incumbent_image_term(
         q, torch.cat(ks).double(), torch.cat(vs).double(), weight, "K+V", site.heads)
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+
+
+def test_frame_weights_text_beyond_its_bound_is_refused_before_it_is_split():
+    from stylekit.nodes.ip_adapter_controls import MAX_FRAME_WEIGHTS_CHARS, parse_frame_weights
+
+    assert parse_frame_weights("StyleKit IP-Adapter Advanced", "1.0, 0.5") == (1.0, 0.5)
+    with pytest.raises(ValueError, match=f"input 'frame_weights'.*limit of {MAX_FRAME_WEIGHTS_CHARS}"):
+        parse_frame_weights("StyleKit IP-Adapter Advanced", "1," * MAX_FRAME_WEIGHTS_CHARS)
