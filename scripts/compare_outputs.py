@@ -16,7 +16,7 @@ from pathlib import Path
 from stylekit.tests.fixtures import ensure_all
 from stylekit.tests.support.host import init_comfy
 from stylekit.tests.support.paths import BASE_DIR, PACK_LINK_NAME, REPO, WORK
-from stylekit.tests.support.server import ComfyServer
+from stylekit.tests.support.server import ComfyServer, extra_node_args
 from stylekit.tests.support.workflows import api_workflow_names, load_api_workflow, run_order, tiny
 
 
@@ -35,7 +35,8 @@ def _base(name: str, pack: Path) -> Path:
 def outputs(name: str, pack: Path, workflows: list[str]) -> dict[str, list[str]]:
     base = _base(name, pack)
     found = {}
-    with ComfyServer(base_dir=base, log_path=base / "server.log") as server:
+    # extra_node_args: the tiny profile's TestDiTConditioning (the prompt of Flux / SD3 graphs).
+    with ComfyServer(base_dir=base, log_path=base / "server.log", extra_args=extra_node_args()) as server:
         for workflow in workflows:
             out = server.run(tiny(load_api_workflow(workflow)))
             # Sorted: /history lists output nodes in no fixed order.
