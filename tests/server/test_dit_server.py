@@ -7,7 +7,7 @@ from stylekit.tests.support.workflows import tiny
 
 
 def flux_txt2img() -> dict:
-    """A user's Flux.1 dev graph as core's examples build it (decoding left out: no Flux VAE fixture)."""
+    """A user's Flux.1 dev graph as core's examples build it (decoding left out: the Flux workflows decode)."""
     return {
         "1": {"class_type": "UNETLoader", "inputs": {"unet_name": FLUX_DEV.filename, "weight_dtype": "default"}},
         "2": {"class_type": "DualCLIPLoader", "inputs": {"clip_name1": "clip_l.safetensors",
