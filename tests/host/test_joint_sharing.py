@@ -222,16 +222,6 @@ def test_the_stylekit_nodes_take_dit_models(flux, mmdit):
         StyleKitStyleAligned.execute(flux, True, True, True, False, 1.0, float("nan"), "custom", "", 0.0, 0.0, 1.0)
 
 
-def test_the_vsp_reference_sampler_refuses_dit_models(flux):
-    from stylekit.nodes.visual_style_prompting import StyleKitVisualStylePromptingReferenceSampler
-
-    cond = dit_conditioning(flux, tokens=TEXT)
-    with pytest.raises(ValueError, match="StyleKit Visual Style Prompting Reference Sampler: input 'model'"):
-        StyleKitVisualStylePromptingReferenceSampler.execute(
-            flux, cond, cond, cond, {"samples": torch.zeros(1, 16, SIDE, SIDE)}, 0, 4, 1.0, "euler", "simple", False,
-            0.85, 0.9, "highest-resolution up block", "")
-
-
 def test_a_block_replace_already_there_still_runs_inside_ours(flux):
     # Another pack's replace on a shared block (e.g. a DiT IP-Adapter) keeps running, and is moved and
     # loaded through ours.
