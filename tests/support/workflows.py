@@ -4,9 +4,11 @@ Workflows are authored with the settings a user would run on real models (SDXL a
 steps). On the tiny random-weight fixtures only the plumbing matters, so `tiny()` shrinks what
 costs CPU time and nothing else: image sizes to at most TINY_SIDE px and step counts to at most
 TINY_STEPS, with step indices (`*_at_step`, `*_steps` offsets) scaled by the same factor so their
-relations hold. Flux prompts come from tensors: core's Flux text encoder always builds T5-XXL
-(DESIGN §6), so every text encode fed by a Flux text-encoder loader becomes the test server's
-TestDiTConditioning on the graph's diffusion model, and the loader goes.
+relations hold. Flux and SD3 prompts come from tensors: core's Flux text encoder always builds
+T5-XXL (DESIGN §6), so every text encode fed by a Flux or SD3 text-encoder loader becomes the test
+server's TestDiTConditioning on the graph's diffusion model, and the loader goes. SD3 could run on
+CLIP-L + CLIP-G alone (a setup core supports), but the full-size CLIP-G costs ~30 s and 4 GB per
+workflow on CPU (measured) and exercises only core's text path, which no StyleKit node touches.
 """
 from __future__ import annotations
 
@@ -48,22 +50,29 @@ def _literal_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-TEXT_ENCODES = ("CLIPTextEncode", "CLIPTextEncodeFlux")
+TEXT_ENCODES = ("CLIPTextEncode", "CLIPTextEncodeFlux", "CLIPTextEncodeSD3")
+# Where a DiT graph's model comes from: UNETLoader (diffusion_models/) or the SD3.5 single file.
+MODEL_LOADERS = ("UNETLoader", "CheckpointLoaderSimple")
 
 
-def _is_flux_text_encoder(node: dict) -> bool:
-    return node.get("class_type") in ("DualCLIPLoader", "CLIPLoader") and node.get("inputs", {}).get("type") == "flux"
+def _is_dit_text_encoder(node: dict) -> bool:
+    """A Flux or SD3 text-encoder loader: these build T5-XXL (or CLIP-G, see the module docstring)."""
+    if node.get("class_type") == "TripleCLIPLoader":  # SD3 only
+        return True
+    return (node.get("class_type") in ("DualCLIPLoader", "CLIPLoader")
+            and node.get("inputs", {}).get("type") in ("flux", "sd3"))
 
 
 def without_t5(prompt: dict) -> dict:
-    """A copy of an API prompt whose Flux text encodes are TestDiTConditioning nodes (module docstring)."""
+    """A copy of an API prompt whose Flux and SD3 text encodes are TestDiTConditioning nodes (module docstring)."""
     out = copy.deepcopy(prompt)
-    loaders = {nid for nid, node in out.items() if _is_flux_text_encoder(node)}
+    loaders = {nid for nid, node in out.items() if _is_dit_text_encoder(node)}
     if not loaders:
         return out
-    models = [nid for nid, node in out.items() if node.get("class_type") == "UNETLoader"]
+    models = [nid for nid, node in out.items() if node.get("class_type") in MODEL_LOADERS]
     if len(models) != 1:
-        raise ValueError(f"a Flux workflow needs exactly one UNETLoader for its tensor prompts, found {len(models)}")
+        raise ValueError(f"a Flux or SD3 workflow needs exactly one model loader ({' or '.join(MODEL_LOADERS)}) "
+                         f"for its tensor prompts, found {len(models)}")
     for seed, (nid, node) in enumerate(sorted(out.items())):
         clip = node.get("inputs", {}).get("clip")
         if node.get("class_type") in TEXT_ENCODES and isinstance(clip, list) and clip[0] in loaders:
@@ -72,7 +81,7 @@ def without_t5(prompt: dict) -> dict:
                         "inputs": {"model": [models[0], 0], "seed": seed, "tokens": 8, "guidance": guidance}}
     for nid in loaders:
         if any(isinstance(v, list) and v[0] == nid for n in out.values() for v in n.get("inputs", {}).values()):
-            raise ValueError(f"node {nid} (a Flux text encoder) feeds a node other than a text encode")
+            raise ValueError(f"node {nid} (a DiT text encoder) feeds a node other than a text encode")
         del out[nid]
     return out
 

@@ -40,3 +40,25 @@ def test_flux_text_encodes_become_tensor_conditioning_on_the_graphs_model_and_th
     sd_graph = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {}},
                 "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1]}}}
     assert without_t5(sd_graph) == sd_graph
+
+
+def test_sd3_text_encodes_become_tensor_conditioning_on_the_checkpoints_model_and_the_clip_loader_goes():
+    from stylekit.tests.support.workflows import without_t5
+
+    prompt = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sd3.5_large.safetensors"}},
+        "2": {"class_type": "TripleCLIPLoader",
+              "inputs": {"clip_name1": "clip_l.safetensors", "clip_name2": "clip_g.safetensors",
+                         "clip_name3": "t5xxl_fp16.safetensors"}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["2", 0], "text": "a lighthouse"}},
+        "4": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["2", 0], "text": ""}},
+        "5": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "positive": ["3", 0], "negative": ["4", 0]}},
+    }
+    out = without_t5(prompt)
+    assert "2" not in out and out["5"] == prompt["5"] and out["1"] == prompt["1"]
+    assert {out[n]["class_type"] for n in ("3", "4")} == {"TestDiTConditioning"}
+    assert out["3"]["inputs"]["model"] == ["1", 0] and out["3"]["inputs"]["seed"] != out["4"]["inputs"]["seed"]
+    dual = {**prompt, "2": {"class_type": "DualCLIPLoader",
+                            "inputs": {"clip_name1": "clip_l.safetensors", "clip_name2": "clip_g.safetensors",
+                                       "type": "sd3"}}}
+    assert "2" not in without_t5(dual)
