@@ -32,7 +32,8 @@ class StyleKitDDIMInversion(io.ComfyNode):
                 "cfg 2, the image's caption as positive and a zeroed negative (ConditioningZeroOut). SD1.x, "
                 "SD2.x, SDXL. On rectified-flow models (Flux, SD3/3.5) method ddim inverts the flow ODE by "
                 "inverse Euler instead (cfg 1 and the scheduler 'simple' for Flux dev); its inverted latent is "
-                "the sampling noise, for StyleKit StyleAligned Reference Sampler's trajectory."),
+                "the sampling noise, for the trajectory input of StyleKit StyleAligned Reference Sampler and "
+                "StyleKit Visual Style Prompting Reference Sampler."),
             inputs=[
                 io.Model.Input("model"),
                 io.Conditioning.Input("positive", tooltip="A prompt describing the image (its caption)."),
