@@ -24,7 +24,8 @@ from stylekit.tests.fixtures import ensure_all
 from stylekit.tests.fixtures.images import ensure_example_images
 from stylekit.tests.support.host import init_comfy
 from stylekit.tests.support.paths import BASE_DIR, PACK_LINK_NAME, REPO, WORK, HostMissing, host_path
-from stylekit.tests.support.server import ComfyServer, PromptFailed, PromptRejected, ServerError, port_is_free
+from stylekit.tests.support.server import (ComfyServer, PromptFailed, PromptRejected, ServerError, extra_node_args,
+                                          port_is_free)
 from stylekit.tests.support.workflows import api_workflow_names, load_api_workflow, run_order, tiny
 
 THUMB = 192
@@ -132,7 +133,10 @@ def main() -> int:
                   file=sys.stderr)
             return 2
         print(f"demo: starting ComfyUI (about a minute on a CPU), then {len(order)} workflow(s)", flush=True)
-        with ComfyServer(port=args.port, base_dir=base_dir, cpu=cpu) as server:
+        # The tiny profile gives Flux / SD3 graphs tensor prompts through the test-only
+        # TestDiTConditioning node (no tiny T5-XXL exists): the tiny demo's server loads it too.
+        extra = () if user_mode else extra_node_args()
+        with ComfyServer(port=args.port, base_dir=base_dir, cpu=cpu, extra_args=extra) as server:
             for n, name in enumerate(order, 1):
                 print(f"  [{n}/{len(order)}] {name} ...", flush=True)
                 started = time.monotonic()

@@ -65,7 +65,8 @@ TEST_NODES = REPO / "tests" / "support" / "comfy_nodes"
 
 def extra_node_args() -> tuple[str, ...]:
     """Server arguments that add the test-only nodes (TEST_NODES) through an extra-paths file, so only
-    the servers the tests start see them, never `make serve` or `make demo`."""
+    the servers the tests and the tiny-fixture `make demo` start see them, never `make serve` or a
+    demo on the user's models."""
     config = WORK / "test_nodes.yaml"
     config.parent.mkdir(parents=True, exist_ok=True)
     config.write_text(f"stylekit_tests:\n  base_path: {TEST_NODES}\n  custom_nodes: .\n")

@@ -1,4 +1,5 @@
-"""Test-only ComfyUI nodes, loaded by the test server alone (tests/support/server.extra_node_args).
+"""Test-only ComfyUI nodes, loaded by the test server and the tiny-fixture demo alone
+(tests/support/server.extra_node_args).
 
 TestDiTConditioning makes a DiT's CONDITIONING from seeded tensors in the model's own widths: core's
 Flux text encoder always builds T5-XXL (~4.7 B params, no tiny one possible, DESIGN §6), so the
