@@ -230,3 +230,24 @@ def test_controller_zero_is_plain_inversion_and_one_lands_on_the_seeded_noise(an
     assert relative_error(half.noise, y1) < relative_error(plain.noise, y1)
     with pytest.raises(ValueError, match="controller 1.5 must lie in"):
         invert_flow(m, latent, *conds, sigmas, progress=False, controller=1.5)
+
+
+def test_the_inversion_node_runs_the_controlled_variant_on_flows_and_refuses_it_elsewhere(flux):
+    from stylekit.nodes.inversion import StyleKitDDIMInversion
+
+    latent = {"samples": torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(4))}
+    conds = tiny_flux_conditioning(1), tiny_flux_conditioning(2)
+    run = lambda model, controller: StyleKitDDIMInversion.execute(model, *conds, latent, 3, 1.0, "simple", 0,
+                                                                  "ddim", 5, controller).result[1]
+    y1 = seeded_noise((1, 16, 8, 8), 5)
+    full = run(flux, 1.0)
+    assert relative_error(full.noise, y1) < 1e-6
+    assert not torch.equal(run(flux, 0.3).states, run(flux, 0.0).states)
+
+    class Eps(comfy.model_sampling.ModelSamplingDiscrete, comfy.model_sampling.EPS):
+        pass
+
+    unet_like = flux.clone()
+    unet_like.add_object_patch("model_sampling", Eps())
+    with pytest.raises(ValueError, match="StyleKit DDIM Inversion: input 'controller'"):
+        run(unet_like, 0.5)
