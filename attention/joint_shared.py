@@ -69,31 +69,53 @@ def _scatter(batch: int, parts: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> 
     return out
 
 
+def _mask_rows(mask: torch.Tensor | None, rows: torch.Tensor, batch: int) -> torch.Tensor | None:
+    """The caller's mask for some rows of the batch: per-row masks ([B, ...], 3 or 4 dims) are
+    indexed, masks shared by every row ([Lq, Lk], [1, ...]) are kept as they are."""
+    if mask is None or mask.ndim < 3 or mask.shape[0] == 1 or batch == 1:
+        return mask
+    return mask[rows.to(mask.device)]
+
+
+def extend_mask(mask: torch.Tensor, extra_keys: int, shift: float, dtype: torch.dtype) -> torch.Tensor:
+    """The caller's joint-attention mask over [own keys; `extra_keys` added keys]: the own keys keep
+    it, the added ones are allowed, with the additive bias β = shift. A boolean mask (True = attend)
+    stays boolean while β = 0, else becomes additive in `dtype` (0 / −inf).
+    Shapes: mask [..., Lq, Lk] (or [Lk]) -> [..., Lq, Lk + extra_keys]."""
+    if mask.dtype == torch.bool and shift == 0.0:
+        return torch.cat([mask, mask.new_ones(mask.shape[:-1] + (extra_keys,))], dim=-1)
+    if mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
+    return torch.cat([mask, mask.new_full(mask.shape[:-1] + (extra_keys,), shift)], dim=-1)
+
+
 def joint_shared_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            reference_rows: Sequence[int] | torch.Tensor, image: slice, attention: Attention, *,
                            adain_queries: bool = True, adain_keys: bool = True, adain_values: bool = False,
                            score_scale: float = 1.0, score_shift: float = 0.0,
-                           reference_rotation: torch.Tensor | None = None) -> torch.Tensor:
+                           reference_rotation: torch.Tensor | None = None,
+                           mask: torch.Tensor | None = None) -> torch.Tensor:
     """StyleAligned shared attention over a joint sequence, image tokens shared only.
 
-    For a target row t with reference r, I the image tokens:
-    O_t = softmax([Q̂_t K̂_tᵀ, s·Q̂_t K_{r,I}ᵀ]/√d + [0, β])·[V̂_t; V_{r,I}], where Q̂_t, K̂_t (V̂_t)
+    For a target row t with reference r, I the image tokens, M_t the caller's mask (additive):
+    O_t = softmax([Q̂_t K̂_tᵀ, s·Q̂_t K_{r,I}ᵀ]/√d + [M_t, β])·[V̂_t; V_{r,I}], where Q̂_t, K̂_t (V̂_t)
     are Q_t, K_t (V_t) with their image tokens AdaIN-normalised to the reference's image tokens
-    and text tokens as they are. The reference row gets plain joint attention.
+    and text tokens as they are. The reference row gets plain joint attention under its own M_r.
     Shapes: q, k, v [B, H, L, D] or [B, L, H·D]; reference_rows [B]; image a slice of the L
-    tokens; reference_rotation as attention.rotary.rotate's (heads-split layout only) -> the
-    kernel's output, batch first.
+    tokens; reference_rotation as attention.rotary.rotate's (heads-split layout only); mask the
+    kernel's mask over the L joint keys ([L, L], [B or 1, L, L], [B or 1, H or 1, L, L]; boolean
+    True = attend, or additive) -> the kernel's output, batch first.
     """
     batch = q.shape[0]
     refs = _rows(reference_rows, batch, q.device)
     is_reference = refs == torch.arange(batch, device=q.device)
     if bool(is_reference.all()):
-        return attention(q, k, v, None)
+        return attention(q, k, v, mask)
 
     parts = []
     ref_idx = is_reference.nonzero().squeeze(1)
     if ref_idx.numel():
-        parts.append((ref_idx, attention(q[ref_idx], k[ref_idx], v[ref_idx], None)))
+        parts.append((ref_idx, attention(q[ref_idx], k[ref_idx], v[ref_idx], _mask_rows(mask, ref_idx, batch))))
 
     tgt_idx = (~is_reference).nonzero().squeeze(1)
     src = refs[tgt_idx]
@@ -110,8 +132,12 @@ def joint_shared_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         shared_k = shared_k * score_scale
     keys = torch.cat([k_t, shared_k], dim=-2)
     values = torch.cat([v_t, v_r[..., image, :]], dim=-2)
-    mask = None if score_shift == 0.0 else key_bias(k_t.shape[-2], shared_k.shape[-2], score_shift, q.dtype, q.device)
-    parts.append((tgt_idx, attention(q_t, keys, values, mask)))
+    if mask is None:
+        target_mask = None if score_shift == 0.0 else key_bias(k_t.shape[-2], shared_k.shape[-2], score_shift,
+                                                                 q.dtype, q.device)
+    else:
+        target_mask = extend_mask(_mask_rows(mask, tgt_idx, batch), shared_k.shape[-2], score_shift, q.dtype)
+    parts.append((tgt_idx, attention(q_t, keys, values, target_mask)))
     return _scatter(batch, parts)
 
 
@@ -135,7 +161,11 @@ def joint_swap_kv(k: torch.Tensor, v: torch.Tensor, reference_rows: Sequence[int
 
 def joint_swapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                             reference_rows: Sequence[int] | torch.Tensor, image: slice, attention: Attention,
-                            reference_rotation: torch.Tensor | None = None) -> torch.Tensor:
-    """O = softmax(Q [K_text; K_{r,I}]ᵀ/√d)·[V_text; V_{r,I}] (VSP for DiTs). Shapes: as joint_swap_kv."""
+                            reference_rotation: torch.Tensor | None = None,
+                            mask: torch.Tensor | None = None) -> torch.Tensor:
+    """O = softmax(Q [K_text; K_{r,I}]ᵀ/√d + M)·[V_text; V_{r,I}] (VSP for DiTs). The caller's mask M
+    keeps its place: the swapped keys sit at the positions of the keys they replace, so a mask
+    entry still means the same token slot (a regional mask over image positions, a bias on text
+    tokens). Shapes: as joint_swap_kv; mask as joint_shared_attention's."""
     k_s, v_s = joint_swap_kv(k, v, reference_rows, image, reference_rotation)
-    return attention(q, k_s, v_s, None)
+    return attention(q, k_s, v_s, mask)

@@ -35,6 +35,7 @@ class Case:
     run: Callable | None = None                 # custom timed call (model, inputs) for non-sampler work
     notes: str = ""
     peak_memory: bool = False                   # also record peak resident memory added during the timed runs
+    text_tokens: int = 8                        # DiT cases: prompt tokens of the seeded conditioning
 
 
 @dataclass
@@ -66,21 +67,35 @@ def _weights_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.model.parameters())
 
 
-def _dit(name: str):
+def _dit(name: str, text_tokens: int = 8):
     """Tiny core Flux / SD3.5-Large-layout MMDiT (tests/support/tiny_dits.py): full token counts at the
-    case's side, width reduced (no tiny T5 exists; the conditioning is seeded tensors)."""
+    case's side, width reduced (no tiny T5 exists; the conditioning is seeded tensors). scaled_flux:
+    core's Flux at a quarter of the real width with the real head size (SCALED_FLUX)."""
     from stylekit.tests.support.tiny_dits import dit_conditioning, tiny_flux, tiny_mmdit
 
-    model = tiny_flux(seed=0) if name == "tiny_flux" else tiny_mmdit(seed=0)
-    return model, dit_conditioning(model, seed=1), dit_conditioning(model, seed=2)
+    if name == "tiny_flux":
+        model = tiny_flux(seed=0)
+    elif name == "scaled_flux":
+        model = tiny_flux(seed=0, **SCALED_FLUX)
+    else:
+        model = tiny_mmdit(seed=0)
+    return (model, dit_conditioning(model, tokens=text_tokens, seed=1),
+            dit_conditioning(model, tokens=text_tokens, seed=2))
 
 
-DIT_MODELS = ("tiny_flux", "tiny_sd35")
+# Flux at a quarter of flux1-dev's width (768 = 6 heads of the real 128, the real rotary axes) and
+# one double to two single blocks (the real 19 : 38). Run at half the side and a quarter of the
+# prompt tokens, every FLOP share of a block (attention against projections: tokens / width; text
+# against image tokens) is flux1-dev's at the full side: 512 px with 128 tokens here stands for
+# 1024 px with 512 T5 tokens there.
+SCALED_FLUX = dict(hidden_size=768, num_heads=6, axes_dim=[16, 56, 56], depth=1, depth_single_blocks=2)
+
+DIT_MODELS = ("tiny_flux", "tiny_sd35", "scaled_flux")
 
 
 def measure(case: Case, repeats: int = 3) -> Result:
     if case.model in DIT_MODELS:
-        model, positive, negative = _dit(case.model)
+        model, positive, negative = _dit(case.model, case.text_tokens)
         clip = vae = None
         channels = 16
     else:

@@ -32,7 +32,9 @@ class StyleKitDDIMInversion(io.ComfyNode):
                 "cfg 2, the image's caption as positive and a zeroed negative (ConditioningZeroOut). SD1.x, "
                 "SD2.x, SDXL. On rectified-flow models (Flux, SD3/3.5) method ddim inverts the flow ODE by "
                 "inverse Euler instead (cfg 1 and the scheduler 'simple' for Flux dev); its inverted latent is "
-                "the sampling noise, for StyleKit StyleAligned Reference Sampler's trajectory."),
+                "the sampling noise, for the trajectory input of StyleKit StyleAligned Reference Sampler and "
+                "StyleKit Visual Style Prompting Reference Sampler; controller > 0 runs RF-Inversion's "
+                "controlled variant."),
             inputs=[
                 io.Model.Input("model"),
                 io.Conditioning.Input("positive", tooltip="A prompt describing the image (its caption)."),
@@ -53,7 +55,13 @@ class StyleKitDDIMInversion(io.ComfyNode):
                                        "InstantStyle-Plus runs it (about 3 UNet evaluations per step; "
                                        "official with cfg 1)."),
                 io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, optional=True,
-                             tooltip="renoise only: seeds its forward noise and the regulariser's random rolls."),
+                             tooltip="renoise: seeds its forward noise and the regulariser's random rolls; "
+                                     "controlled flow inversion: seeds the noise it steers towards."),
+                io.Float.Input("controller", default=0.0, min=0.0, max=1.0, step=0.01, optional=True,
+                               tooltip="Flux / SD3 only: RF-Inversion's controller γ, each inverse step's "
+                                       "velocity pulled towards the straight path to a seeded Gaussian noise. "
+                                       "0 = plain inverse Euler (the most faithful); 1 ends exactly on that "
+                                       "noise."),
             ],
             outputs=[io.Latent.Output(display_name="inverted_latent"),
                      Trajectory.Output(display_name="trajectory")],
@@ -61,7 +69,7 @@ class StyleKitDDIMInversion(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, negative, latent_image, steps, cfg, scheduler,
-                fixed_point_iterations, method=DDIM, seed=0) -> io.NodeOutput:
+                fixed_point_iterations, method=DDIM, seed=0, controller=0.0) -> io.NodeOutput:
         check_latent(NAME, "latent_image", latent_image)
         if method not in METHODS:
             raise node_error(NAME, "method", f"{method!r} is not a method; choose {' or '.join(METHODS)}")
@@ -83,10 +91,14 @@ class StyleKitDDIMInversion(io.ComfyNode):
             try:
                 inversion = invert_flow(model, latent_image["samples"], positive, negative,
                                         schedule(model, scheduler, steps), cfg=cfg,
-                                        fixed_point_iterations=fixed_point_iterations)
+                                        fixed_point_iterations=fixed_point_iterations, seed=seed,
+                                        controller=controller)
             except ValueError as err:
                 raise node_error(NAME, "scheduler", err) from err
             return io.NodeOutput({"samples": model.model.process_latent_out(inversion.noise.clone())}, inversion)
+        if controller:
+            raise node_error(NAME, "controller", f"{controller} steers a rectified-flow inversion (Flux, SD3/3.5) "
+                             "and this model is not one; set it to 0")
         try:
             trajectory = invert(model, latent_image["samples"], positive, negative,
                                 schedule(model, scheduler, steps), cfg=cfg,

@@ -12,6 +12,7 @@ from ..patching.sharing import installed_sharing
 from ..patching.style_aligned import StyleAlignedSettings, install_style_aligned
 from ..sampling.flow_inversion import FlowInversion
 from ..sampling.flow_reference import FlowTrajectoryReference
+from ..sampling.conditioning import InputError
 from ..sampling.reference import TrajectoryReference, sample_with_reference
 from ..patching.joint_sharing import STYLE_ALIGNED, installed_joint_sharing
 from ._common import DISPLAY_NAMES, Trajectory, category, check_latent, node_error, percent_inputs
@@ -186,34 +187,53 @@ class StyleKitStyleAlignedReferenceSampler(io.ComfyNode):
         except ValueError as err:
             raise node_error(SAMPLER_NAME, "trajectory", err) from err
         try:
-            out = sample_with_reference(install_style_aligned(model, settings), source, positive, negative,
-                                        reference_positive, latent_image["samples"], trajectory.sigmas, seed, cfg,
-                                        sampler_name)
+            shared = install_style_aligned(model, settings)
         except ValueError as err:
-            raise ValueError(f"{SAMPLER_NAME}: {err}") from err
-        return io.NodeOutput({"samples": out})
+            raise node_error(SAMPLER_NAME, "shared_score_shift", err) from err
+        return io.NodeOutput({"samples": reference_sample(
+            SAMPLER_NAME, shared, source, positive, negative, reference_positive, latent_image["samples"],
+            trajectory.sigmas, seed, cfg, sampler_name)})
+
+
+def reference_sample(node: str, model, source, *args, **kwargs):
+    """sample_with_reference, its refusals (the latent's size, the prompts' batches) as the node's error
+    on that input."""
+    try:
+        return sample_with_reference(model, source, *args, **kwargs)
+    except InputError as err:
+        raise node_error(node, err.input_name, err.problem) from err
+
+
+def check_flow_trajectory(node: str, model, trajectory) -> None:
+    """A flow inversion goes with a Flux / SD3 model and a DiT with a flow inversion (or none)."""
+    if isinstance(trajectory, FlowInversion) and not is_dit(model):
+        raise node_error(node, "trajectory", "this trajectory is a flow inversion and the model is not a Flux or "
+                         "SD3 model; invert with the model you sample with")
+    if trajectory is not None and not isinstance(trajectory, FlowInversion) and is_dit(model):
+        raise node_error(node, "trajectory", "the model is a Flux or SD3 model but the trajectory is a DDIM "
+                         "inversion; invert the image with StyleKit DDIM Inversion on this model")
+
+
+def check_no_joint_sharing(node: str, model, method: str) -> None:
+    already = installed_joint_sharing(model)
+    if already:
+        raise node_error(node, "model", f"the model already has {already[0]} applied; connect the plain model, "
+                         f"this sampler applies {method} itself")
 
 
 def _flow_reference_sample(model, positive, negative, reference_positive, latent_image, trajectory, seed, cfg,
                            sampler_name, shared_score_shift, shared_score_scale, blocks, custom_blocks):
     """Flux / SD3: the reference row replays a flow inversion (sampling/flow_reference.py)."""
-    if not is_dit(model):
-        raise node_error(SAMPLER_NAME, "trajectory", "this trajectory is a flow inversion and the model is not a "
-                         "Flux or SD3 model; invert with the model you sample with")
-    if not isinstance(trajectory, FlowInversion):
-        raise node_error(SAMPLER_NAME, "trajectory", "the model is a Flux or SD3 model but the trajectory is a "
-                         "DDIM inversion; invert the image with StyleKit DDIM Inversion on this model")
-    if installed_joint_sharing(model):
-        raise node_error(SAMPLER_NAME, "model", f"the model already has {installed_joint_sharing(model)[0]} "
-                         "applied; connect the plain model, this sampler applies StyleAligned itself")
+    check_flow_trajectory(SAMPLER_NAME, model, trajectory)
+    check_no_joint_sharing(SAMPLER_NAME, model, "StyleAligned")
     shared = install_dit(SAMPLER_NAME, model, STYLE_ALIGNED, blocks, custom_blocks,
                          shared_score_scale=shared_score_scale, shared_score_shift=shared_score_shift)
     try:
         source = FlowTrajectoryReference(trajectory)
-        return sample_with_reference(shared, source, positive, negative, reference_positive, latent_image["samples"],
-                                     trajectory.sigmas, seed, cfg, sampler_name)
     except ValueError as err:
-        raise ValueError(f"{SAMPLER_NAME}: {err}") from err
+        raise node_error(SAMPLER_NAME, "trajectory", err) from err
+    return reference_sample(SAMPLER_NAME, shared, source, positive, negative, reference_positive,
+                            latent_image["samples"], trajectory.sigmas, seed, cfg, sampler_name)
 
 
 NODES = [StyleKitStyleAligned, StyleKitStyleAlignedReferenceSampler]

@@ -9,11 +9,12 @@ from ..host.schedule import percent_window
 from ..patching.sharing import installed_sharing
 from ..patching.visual_style import VisualStyleSettings, first_steps_guidance, install_visual_style_prompting
 from ..sampling.inversion import schedule
-from ..sampling.reference import NoisedReference, TrajectoryReference, sample_with_reference
+from ..sampling.flow_reference import FlowTrajectoryReference
+from ..sampling.reference import NoisedReference, TrajectoryReference
 from ._common import DISPLAY_NAMES, Trajectory, category, check_latent, node_error, percent_inputs
 from ..patching.joint_sharing import VISUAL_STYLE
 from .dit_sharing import install_dit, is_dit, positions_input
-from .style_aligned import _blocks_inputs, _resolve
+from .style_aligned import _blocks_inputs, _resolve, check_flow_trajectory, check_no_joint_sharing, reference_sample
 
 NAME = DISPLAY_NAMES["StyleKitVisualStylePrompting"]
 SAMPLER_NAME = DISPLAY_NAMES["StyleKitVisualStylePromptingReferenceSampler"]
@@ -83,7 +84,11 @@ class StyleKitVisualStylePromptingReferenceSampler(io.ComfyNode):
                 "the official real-image script; the reference row uses its conditional prediction only) or "
                 "the replayed inversion trajectory (trajectory). Optional colour calibration: each image's "
                 "predicted x0 gets the reference's channel means and deviations inside a window (official: "
-                "100 < t < 150 of 1000). Connect the plain model: this node applies the swap itself."),
+                "100 < t < 150 of 1000). Connect the plain model: this node applies the swap itself. On Flux "
+                "and SD3/3.5 the image-token keys and values of the joint attention are swapped (default blocks "
+                "as StyleKit Visual Style Prompting); reference_latent is noised as the flow does, (1 − σ)·z0 + "
+                "σ·ε, and a trajectory is a flow inversion (StyleKit DDIM Inversion on the same model) replayed "
+                "step by step."),
             inputs=[
                 io.Model.Input("model"),
                 io.Conditioning.Input("positive", tooltip="Prompt of the new images (one, or one per image)."),
@@ -117,7 +122,8 @@ class StyleKitVisualStylePromptingReferenceSampler(io.ComfyNode):
                                  tooltip="The reference image's StyleKit DDIM Inversion. Connect this or reference_latent."),
                 io.Int.Input("reference_step_offset", default=0, min=0, max=1000, optional=True,
                              tooltip="With a trajectory: keep the reference pinned to step offset+1 for the "
-                                     "first steps (0 = replay step by step)."),
+                                     "first steps (0 = replay step by step). Flux and SD3 always replay step "
+                                     "by step."),
             ],
             outputs=[io.Latent.Output()],
         )
@@ -127,38 +133,42 @@ class StyleKitVisualStylePromptingReferenceSampler(io.ComfyNode):
                 scheduler, color_calibration, calibration_start_percent, calibration_end_percent, blocks,
                 custom_blocks, reference_latent=None, trajectory=None, reference_step_offset=0) -> io.NodeOutput:
         check_latent(SAMPLER_NAME, "latent_image", latent_image)
-        if is_dit(model):
-            raise node_error(SAMPLER_NAME, "model", "real-image Visual Style Prompting is not built for Flux or SD3 "
-                             "models yet; use StyleKit StyleAligned Reference Sampler with a flow inversion, or "
-                             "StyleKit Visual Style Prompting with a generated reference row")
         check_latent(SAMPLER_NAME, "reference_latent", reference_latent)
-        already = installed_sharing(model)
-        if already:
-            raise node_error(SAMPLER_NAME, "model", f"the model already has {already[0]} applied; "
-                             "connect the plain model, this sampler applies the swap itself")
         if (reference_latent is None) == (trajectory is None):
             raise node_error(SAMPLER_NAME, "reference_latent", "connect exactly one reference, either "
                              "reference_latent (a VAE-encoded image) or trajectory (its inversion)")
         if calibration_start_percent > calibration_end_percent:
             raise node_error(SAMPLER_NAME, "calibration_start_percent", "it is after "
                              "calibration_end_percent; make start <= end")
+        check_flow_trajectory(SAMPLER_NAME, model, trajectory)
+        dit = is_dit(model)
+        if dit:
+            check_no_joint_sharing(SAMPLER_NAME, model, "the swap")
+        else:
+            already = installed_sharing(model)
+            if already:
+                raise node_error(SAMPLER_NAME, "model", f"the model already has {already[0]} applied; "
+                                 "connect the plain model, this sampler applies the swap itself")
         try:
-            if trajectory is not None:
-                source, sigmas = TrajectoryReference(trajectory, reference_step_offset), trajectory.sigmas
+            if trajectory is None:
+                # The reference noised to each step's level: z0 + σ·ε, or (1 − σ)·z0 + σ·ε on a flow.
+                source, sigmas = (NoisedReference(reference_latent["samples"], seed, flow=dit),
+                                  schedule(model, scheduler, steps))
+            elif dit:  # a flow inversion, replayed step by step (FlowInversion.state_at)
+                source, sigmas = FlowTrajectoryReference(trajectory), trajectory.sigmas
             else:
-                source, sigmas = NoisedReference(reference_latent["samples"], seed), schedule(model, scheduler, steps)
+                source, sigmas = TrajectoryReference(trajectory, reference_step_offset), trajectory.sigmas
         except ValueError as err:
-            which = "trajectory" if trajectory is not None else "reference_latent"
-            raise node_error(SAMPLER_NAME, which, err) from err
-        settings = VisualStyleSettings(blocks=_resolve(SAMPLER_NAME, model, blocks, custom_blocks))
+            raise node_error(SAMPLER_NAME, "trajectory" if trajectory is not None else "reference_latent", err) from err
+        if dit:
+            swapped = install_dit(SAMPLER_NAME, model, VISUAL_STYLE, blocks, custom_blocks)
+        else:
+            settings = VisualStyleSettings(blocks=_resolve(SAMPLER_NAME, model, blocks, custom_blocks))
+            swapped = install_visual_style_prompting(model, settings)
         window = percent_window(model, calibration_start_percent, calibration_end_percent) if color_calibration else None
-        try:
-            out = sample_with_reference(install_visual_style_prompting(model, settings), source, positive, negative,
-                                        reference_positive, latent_image["samples"], sigmas, seed, cfg, sampler_name,
-                                        colour_window=window, cond_only_reference=trajectory is None)
-        except ValueError as err:
-            raise ValueError(f"{SAMPLER_NAME}: {err}") from err
-        return io.NodeOutput({"samples": out})
+        return io.NodeOutput({"samples": reference_sample(
+            SAMPLER_NAME, swapped, source, positive, negative, reference_positive, latent_image["samples"], sigmas,
+            seed, cfg, sampler_name, colour_window=window, cond_only_reference=trajectory is None)})
 
 
 NODES = [StyleKitVisualStylePrompting, StyleKitVisualStylePromptingReferenceSampler]

@@ -15,6 +15,9 @@ Three pieces, all on the clone, none taking a slot from anyone:
     the joint one (SD3.5-Medium's image-only x_block.attn2), it is the previous override or core's
     kernel; inside, it runs the shared (or swapped) joint attention with that previous path as
     its kernel, so the user's backend computes every product.
+A mask the caller passes to the attention (Flux's attention_mask from the conditioning, e.g. core's
+StyleModelApply attn_bias) is kept, not replaced: each row's own joint keys keep it, the added
+reference image keys are allowed (StyleAligned), the swapped keys keep their slots' entries (VSP).
 Reference rows come from cond_or_uncond (host/reference_rows): the first row of each chunk,
 whether cond and uncond run together, apart or reversed, and with Flux's guidance-distilled
 single pass (one cond chunk). A reference row gets the plain joint attention, exactly.
@@ -155,6 +158,9 @@ class JointShareOverride:
         if not options.get(self.mark) or tokens is None or len(args) < 3:
             return self._plain(func, *args, **kwargs)
         q, k, v, rest = args[0], args[1], args[2], args[3:]
+        caller_mask = kwargs.get("mask")
+        if len(rest) > 1:  # optimized_attention(q, k, v, heads, mask, ...) called positionally
+            caller_mask, rest = rest[1], rest[:1] + rest[2:]
         heads_split = bool(kwargs.get("skip_reshape", False))
         if not heads_split and v.ndim == 4:  # core's MMDiT hands v as [B, L, H, D], q and k merged
             v = v.flatten(2)
@@ -178,11 +184,11 @@ class JointShareOverride:
             offsets[-1] = float(grid_w)  # one grid width along the column axis
             rotation = axis_rotation(offsets, self.axes_dim, self.theta).to(q.device)
         if s.method == VISUAL_STYLE:
-            return joint_swapped_attention(q, k, v, rows, image, kernel, reference_rotation=rotation)
+            return joint_swapped_attention(q, k, v, rows, image, kernel, reference_rotation=rotation, mask=caller_mask)
         return joint_shared_attention(q, k, v, rows, image, kernel, adain_queries=s.adain_queries,
                                       adain_keys=s.adain_keys, adain_values=s.adain_values,
                                       score_scale=s.shared_score_scale, score_shift=s.shared_score_shift,
-                                      reference_rotation=rotation)
+                                      reference_rotation=rotation, mask=caller_mask)
 
 
 def _rotary(dit) -> tuple[tuple[int, ...] | None, float]:

@@ -12,10 +12,20 @@ import math
 import torch
 
 
+class InputError(ValueError):
+    """A refusal of one node input: str() is "input '<name>': <problem>"; a node re-raises it as
+    node_error(node, input_name, problem)."""
+
+    def __init__(self, input_name: str, problem: str):
+        super().__init__(f"input '{input_name}': {problem}")
+        self.input_name = input_name
+        self.problem = problem
+
+
 def _single_entry(conditioning: list, what: str):
     if len(conditioning) != 1:
-        raise ValueError(f"input '{what}' holds {len(conditioning)} conditionings (from Conditioning Combine "
-                         "or scheduled prompts); connect a single text encoding")
+        raise InputError(what, f"it holds {len(conditioning)} conditionings (from Conditioning Combine or "
+                         "scheduled prompts); connect a single text encoding")
     return conditioning[0]
 
 
@@ -24,8 +34,8 @@ def _repeat_rows(t: torch.Tensor, rows: int, what: str) -> torch.Tensor:
         return t
     if t.shape[0] == 1:
         return t.repeat(rows, *([1] * (t.ndim - 1)))
-    raise ValueError(f"input '{what}' has a batch of {t.shape[0]} prompts for {rows} latent rows; give "
-                     "one prompt, or one per row")
+    raise InputError(what, f"it has a batch of {t.shape[0]} prompts for {rows} latent rows; give one prompt, "
+                     "or one per row")
 
 
 # Core batches conditionings of different lengths only while the padded length stays within 4x
@@ -73,7 +83,12 @@ def stack_rows(parts: list[tuple[list, int, str]]) -> list:
 def with_reference_row(reference: list, rows: list, batch: int,
                        names: tuple[str, str] = ("reference_positive", "positive")) -> list:
     """Conditioning for the batch [reference row, `batch` generated rows]."""
-    return stack_rows([(reference, 1, names[0]), (rows, batch, names[1])])
+    try:
+        return stack_rows([(reference, 1, names[0]), (rows, batch, names[1])])
+    except InputError:
+        raise
+    except ValueError as err:  # the padded length of both together
+        raise InputError(names[1], f"with {names[0]}: {err}") from None
 
 
 def _chunks(tokens: dict) -> int:

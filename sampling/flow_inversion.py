@@ -73,13 +73,27 @@ class FlowInversion:
         return torch.stack([process_latent_out(x) for x in self.states])
 
 
+def controlled_step(x: torch.Tensor, x_euler: torch.Tensor, sigma: float, sigma_next: float,
+                    target_noise: torch.Tensor, controller: float) -> torch.Tensor:
+    """RF-Inversion's controlled forward step (Rout et al. 2024, Algorithm 1): the velocity v of the
+    inverse Euler step x_euler = x + v·(σ' − σ) steered towards the straight path to a fixed noise y₁,
+    v̂ = v + γ·(u − v) with u = (y₁ − x)/(1 − σ), so x' = (1 − γ)·x_euler + γ·(x + u·(σ' − σ)).
+    γ = 0 is plain inverse Euler; γ = 1 lands on y₁ at σ' = 1. Shapes: x, x_euler, target_noise alike."""
+    if controller == 0.0:
+        return x_euler
+    toward_noise = x + (target_noise - x) / (1.0 - sigma) * (sigma_next - sigma)
+    return torch.lerp(x_euler, toward_noise, controller)
+
+
 @torch.no_grad()
 def sample_flow_inversion(model, x, sigmas, extra_args=None, callback=None, disable=None, trajectory=None,
-                          fixed_point_iterations: int = 0):
+                          fixed_point_iterations: int = 0, controller: float = 0.0,
+                          target_noise: torch.Tensor | None = None):
     """Inverse Euler of the rectified-flow ODE over ascending sigmas; appends every x to `trajectory`, on the CPU.
 
     x' = x + v·(σ' − σ), v = (x − D(x, σ'))/σ'; with fixed_point_iterations the velocity is
-    re-evaluated at the current estimate of x' (the exact inverse of a forward Euler step).
+    re-evaluated at the current estimate of x' (the exact inverse of a forward Euler step); with a
+    controller γ > 0 each step is RF-Inversion's controlled step towards target_noise (controlled_step).
     """
     extra_args = {} if extra_args is None else extra_args
     s_in = x.new_ones([x.shape[0]])
@@ -89,6 +103,8 @@ def sample_flow_inversion(model, x, sigmas, extra_args=None, callback=None, disa
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         x_next, denoised = inverse_euler_step(model, x, x, sigma, sigma_next, s_in, extra_args,
                                               fixed_point_iterations)
+        if controller:
+            x_next = controlled_step(x, x_next, float(sigma), float(sigma_next), target_noise.to(x), controller)
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigma_next, "sigma_hat": sigma_next, "denoised": denoised})
         x = x_next
@@ -107,22 +123,32 @@ def check_flow_model(model_patcher) -> None:
 
 def invert_flow(model_patcher, latent_image: torch.Tensor, positive, negative, sigmas: torch.Tensor,
                 cfg: float = 1.0, fixed_point_iterations: int = 0, seed: int = 0,
-                progress: bool = True) -> FlowInversion:
+                progress: bool = True, controller: float = 0.0) -> FlowInversion:
     """Invert `latent_image` (LATENT samples, [B, C, H, W]) along the descending flow `sigmas`.
 
     positive / negative are CONDITIONING lists; Flux dev is guidance-distilled: invert with cfg 1
     (the negative is then not evaluated) and its guidance value in the conditioning. Sampling
     forward with Euler from `noise` over the same sigmas, prompt and cfg reconstructs the input
     up to the inverse Euler's discretisation error, which fixed_point_iterations reduce.
+    controller γ in [0, 1]: RF-Inversion's controlled forward ODE towards the noise y₁ drawn from
+    `seed` (standard normal, model space); 0 is plain inverse Euler. The paper evaluates the
+    velocity at the current level; here it is the destination level's, as every StyleKit flow
+    inversion step (D at σ = 0 carries no velocity).
     """
+    if not 0.0 <= controller <= 1.0:
+        raise ValueError(f"controller {controller} must lie in [0, 1]")
     check_flow_model(model_patcher)
     if sigmas.ndim != 1 or sigmas.shape[0] < 2 or float(sigmas[-1]) != 0.0 or bool((sigmas[1:] > sigmas[:-1]).any()):
         raise ValueError("sigmas must be a full descending schedule ending at 0")
     latent_image = comfy.sample.fix_empty_latent_channels(model_patcher, latent_image)
     ascending = sigmas.flip(0)
     states: list[torch.Tensor] = []
+    target = None
+    if controller:
+        target = torch.randn(latent_image.shape, generator=torch.Generator().manual_seed(seed % 2**64))
     sampler = comfy.samplers.KSAMPLER(sample_flow_inversion, extra_options={
-        "trajectory": states, "fixed_point_iterations": fixed_point_iterations})
+        "trajectory": states, "fixed_point_iterations": fixed_point_iterations, "controller": controller,
+        "target_noise": target})
     guider = comfy.samplers.CFGGuider(model_patcher)
     guider.set_conds(positive, negative)
     guider.set_cfg(cfg)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Callable
 
 import comfy.model_management
+import comfy.model_sampling
 import comfy.sample
 import comfy.samplers
 import comfy.utils
@@ -20,7 +21,7 @@ import torch
 
 from ..attention.adain import match_channel_stats
 from ..host.schedule import SigmaWindow
-from .conditioning import with_reference_row
+from .conditioning import InputError, with_reference_row
 from ..host.trajectory import InversionTrajectory, reference_latent, step_position
 
 ReferenceAt = Callable[[float], torch.Tensor]
@@ -43,13 +44,15 @@ class TrajectoryReference:
 
 
 class NoisedReference:
-    """The reference row is z0 + σ·ε at each step, fresh ε per step (official VSP real image)."""
+    """The reference row is z0 + σ·ε at each step, fresh ε per step (official VSP real image); on a
+    rectified flow (flow=True: Flux, SD3/3.5) the flow's own noising (1 − σ)·z0 + σ·ε."""
 
-    def __init__(self, latent: torch.Tensor, seed: int):
+    def __init__(self, latent: torch.Tensor, seed: int, flow: bool = False):
         if latent.shape[0] != 1:
             raise ValueError(f"the reference latent holds {latent.shape[0]} images; encode a single reference image")
         self.latent = latent
         self.seed = seed
+        self.flow = flow
         self.shape = tuple(latent.shape)
 
     def bind(self, process_in: Callable, sigmas: torch.Tensor) -> ReferenceAt:
@@ -58,7 +61,8 @@ class NoisedReference:
         def at(sigma: float) -> torch.Tensor:
             step, _ = step_position(sigmas, sigma)
             generator = torch.Generator().manual_seed((self.seed + 1 + step) % 2**64)  # seeds reach 2^64 - 1
-            return z0 + sigma * torch.randn(z0.shape, generator=generator)
+            noise = sigma * torch.randn(z0.shape, generator=generator)
+            return (1.0 - sigma) * z0 + noise if self.flow else z0 + noise
         return at
 
 
@@ -79,6 +83,17 @@ def calibrated_denoised(x: torch.Tensor, denoised: torch.Tensor, calibrated: tor
     return (calibrated - r * denoised) / (1.0 - r)
 
 
+def calibrated_denoised_flow(x: torch.Tensor, denoised: torch.Tensor, calibrated: torch.Tensor, sigma: float,
+                             sigma_next: float) -> torch.Tensor:
+    """calibrated_denoised on a rectified flow (x = (1 − σ)·x0 + σ·ε): the denoised output whose Euler
+    step lands on x' = (1 − σ')·x0_cal + σ'·ε, ε = (x − (1 − σ)·D)/σ the predicted noise kept.
+
+    The Euler step is x' = r·x + (1 − r)·D' with r = σ'/σ, so D' = ((1 − σ')·x0_cal − r(1 − σ)·D)/(1 − r)
+    (D' = D when x0_cal = D)."""
+    r = sigma_next / sigma
+    return ((1.0 - sigma_next) * calibrated - r * (1.0 - sigma) * denoised) / (1.0 - r)
+
+
 class ReferenceRowGuider(comfy.samplers.CFGGuider):
     """CFGGuider whose batch row 0 is the reference; optional VSP colour calibration and a
     conditional-only prediction for the reference row (official VSP real-image script)."""
@@ -90,6 +105,7 @@ class ReferenceRowGuider(comfy.samplers.CFGGuider):
         self.colour_window = colour_window
         self.cond_only_reference = cond_only_reference
         self.ddim_step = ddim_step            # the sampler steps as DDIM: calibrate as the official step
+        self.flow = isinstance(model_patcher.get_model_object("model_sampling"), comfy.model_sampling.CONST)
         self._reference_at: ReferenceAt | None = None
         self._sigmas: torch.Tensor | None = None
 
@@ -121,8 +137,8 @@ class ReferenceRowGuider(comfy.samplers.CFGGuider):
             calibrated[1:] = match_channel_stats(denoised[1:], denoised[:1])
             sigma_next = self._next_sigma(sigma)
             if self.ddim_step and sigma_next is not None and args.get("input") is not None:
-                calibrated[1:] = calibrated_denoised(args["input"][1:], denoised[1:], calibrated[1:], sigma,
-                                                     sigma_next)
+                step = calibrated_denoised_flow if self.flow else calibrated_denoised
+                calibrated[1:] = step(args["input"][1:], denoised[1:], calibrated[1:], sigma, sigma_next)
             denoised = calibrated
         return denoised
 
@@ -148,8 +164,8 @@ def sample_with_reference(model_patcher, source, positive, negative, reference_p
     it for this seed, so a row differs from plain sampling only by what it shares."""
     latent_image = comfy.sample.fix_empty_latent_channels(model_patcher, latent_image)
     if tuple(latent_image.shape[1:]) != source.shape[1:]:
-        raise ValueError(f"input 'latent_image': its latent is {tuple(latent_image.shape[1:])} (channels, height, "
-                         f"width) but the reference's is {source.shape[1:]}; generate at the reference's size")
+        raise InputError("latent_image", f"its latent is {tuple(latent_image.shape[1:])} (channels, height, width) "
+                         f"but the reference's is {source.shape[1:]}; generate at the reference's size")
     batch = latent_image.shape[0]
     rows = torch.cat([torch.zeros_like(latent_image[:1]), latent_image])
     noise = torch.cat([torch.zeros_like(latent_image[:1]), comfy.sample.prepare_noise(latent_image, seed)])

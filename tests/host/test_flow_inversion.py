@@ -192,3 +192,62 @@ def test_models_that_are_not_flows_are_refused(flux):
 def test_a_schedule_that_does_not_end_at_zero_is_refused(flux):
     with pytest.raises(ValueError, match="full descending schedule"):
         invert_flow(flux, torch.zeros(1, 16, 8, 8), [], [], torch.tensor([1.0, 0.5]), progress=False)
+
+
+# RF-Inversion's controlled variant (Rout et al. 2024, Algorithm 1): the inverse Euler velocity v
+# steered towards the straight path to a fixed noise y₁, v̂ = v + γ·((y₁ − x)/(1 − σ) − v).
+def seeded_noise(shape, seed):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+def test_the_controlled_inversion_is_rf_inversions_step_written_out(analytic):
+    m, latent, conds = analytic
+    sigmas = schedule(m, 10)
+    inversion = invert_flow(m, latent, *conds, sigmas, progress=False, controller=0.6, seed=11)
+    y1 = seeded_noise(latent.shape, 11).double()
+    up = sigmas.double().flip(0)
+    x = m.model.process_latent_in(latent).double()
+    want = [x]
+    for i in range(len(up) - 1):
+        v = (x - exact_denoiser(x, up[i + 1])) / up[i + 1]
+        u = (y1 - x) / (1 - up[i])
+        x = x + (v + 0.6 * (u - v)) * (up[i + 1] - up[i])
+        want.append(x)
+    assert relative_error(inversion.states, torch.stack(want[::-1])) < 1e-5
+
+
+def test_controller_zero_is_plain_inversion_and_one_lands_on_the_seeded_noise(analytic):
+    m, latent, conds = analytic
+    sigmas = schedule(m, 6)
+    plain = invert_flow(m, latent, *conds, sigmas, progress=False)
+    assert torch.equal(invert_flow(m, latent, *conds, sigmas, progress=False, controller=0.0, seed=3).states,
+                       plain.states)
+    full = invert_flow(m, latent, *conds, sigmas, progress=False, controller=1.0, seed=3)
+    assert relative_error(full.noise, seeded_noise(latent.shape, 3)) < 1e-6
+    # The controller pulls the inverted state towards y₁: closer than plain inversion gets.
+    half = invert_flow(m, latent, *conds, sigmas, progress=False, controller=0.5, seed=3)
+    y1 = seeded_noise(latent.shape, 3)
+    assert relative_error(half.noise, y1) < relative_error(plain.noise, y1)
+    with pytest.raises(ValueError, match="controller 1.5 must lie in"):
+        invert_flow(m, latent, *conds, sigmas, progress=False, controller=1.5)
+
+
+def test_the_inversion_node_runs_the_controlled_variant_on_flows_and_refuses_it_elsewhere(flux):
+    from stylekit.nodes.inversion import StyleKitDDIMInversion
+
+    latent = {"samples": torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(4))}
+    conds = tiny_flux_conditioning(1), tiny_flux_conditioning(2)
+    run = lambda model, controller: StyleKitDDIMInversion.execute(model, *conds, latent, 3, 1.0, "simple", 0,
+                                                                  "ddim", 5, controller).result[1]
+    y1 = seeded_noise((1, 16, 8, 8), 5)
+    full = run(flux, 1.0)
+    assert relative_error(full.noise, y1) < 1e-6
+    assert not torch.equal(run(flux, 0.3).states, run(flux, 0.0).states)
+
+    class Eps(comfy.model_sampling.ModelSamplingDiscrete, comfy.model_sampling.EPS):
+        pass
+
+    unet_like = flux.clone()
+    unet_like.add_object_patch("model_sampling", Eps())
+    with pytest.raises(ValueError, match="StyleKit DDIM Inversion: input 'controller'"):
+        run(unet_like, 0.5)

@@ -64,7 +64,7 @@ def chunk_refs(flags, per_chunk):
     return [c * per_chunk for c in range(len(flags)) for _ in range(per_chunk)]
 
 
-def apply(model, flags, per_chunk, seed=0):
+def apply(model, flags, per_chunk, seed=0, attention_mask=None):
     """One model call the way the sampler makes it: chunks per cond_or_uncond, every chunk the batch."""
     batch = len(flags) * per_chunk
     g = torch.Generator().manual_seed(seed)
@@ -76,6 +76,8 @@ def apply(model, flags, per_chunk, seed=0):
     extra = {"y": cond[1]["pooled_output"]}
     if hasattr(model.model.diffusion_model, "double_blocks"):
         extra["guidance"] = torch.full((batch,), 3.5)
+    if attention_mask is not None:
+        extra["attention_mask"] = attention_mask
     with torch.no_grad():
         return model.model.apply_model(x, sigma, c_crossattn=cond[0], transformer_options=options, **extra)
 
@@ -111,6 +113,37 @@ def test_patched_joint_attention_matches_the_formula(family, layout, per_chunk, 
             got = c["out"].unflatten(-1, (c["heads"], -1)).transpose(1, 2).double()
             assert (got - want).abs().max() < 1e-5, (method, where)
             assert q.shape[2] == TEXT + IMAGE
+
+
+@pytest.mark.parametrize("layout", ["together", "reversed"])
+@pytest.mark.parametrize("method", [STYLE_ALIGNED, VISUAL_STYLE])
+def test_a_text_attention_mask_is_combined_with_the_shared_keys_not_replaced(flux, method, layout):
+    # Core's Flux hands the conditioning's attention_mask ([B, L, L], additive; e.g. StyleModelApply's
+    # attn_bias) to every attention: each row keeps it over its own joint keys, the reference's
+    # image keys are allowed (+β); rows outside shared blocks get core's plain masked attention.
+    flags, per_chunk = LAYOUTS[layout], 3
+    batch = len(flags) * per_chunk
+    g = torch.Generator().manual_seed(3)
+    mask = torch.randn(batch, TEXT + IMAGE, TEXT + IMAGE, generator=g)
+    mask[:, :, 2:TEXT] = float("-inf")            # text keys 2.. blocked for every query: a padded prompt
+    m = install_joint_sharing(flux, JointSharingSettings(method, resolve_blocks(flux, "double 1, single 0", method),
+                                                         shared_score_shift=0.3))
+    calls = recorder(m)
+    apply(m, flags, per_chunk, attention_mask=mask)
+    refs, image = chunk_refs(flags, per_chunk), slice(TEXT, TEXT + IMAGE)
+    own = lambda i, h: mask[i].double()
+    for c in calls:
+        q, k, v = c["q"], c["k"], c["v"]
+        if c["where"] not in {("double", 1), ("single", 0)}:
+            want = reference_shared(q, k, v, list(range(batch)), image, masks=own)
+        elif method == STYLE_ALIGNED:
+            want = reference_shared(q, k, v, refs, image, shift=0.3, masks=own)
+        else:
+            want = reference_swapped(q, k, v, refs, image, masks=own)
+        got = c["out"].unflatten(-1, (c["heads"], -1)).transpose(1, 2).double()
+        assert (got - want).abs().max() < 1e-5, c["where"]
+    unmasked = reference_shared(q, k, v, list(range(batch)), image)
+    assert (got - unmasked).abs().max() > 1e-3  # the mask mattered
 
 
 def test_offset_positions_rotate_the_reference_keys_by_one_grid_width(flux):
@@ -187,16 +220,6 @@ def test_the_stylekit_nodes_take_dit_models(flux, mmdit):
         StyleKitStyleAligned.execute(flux, True, True, True, False, 1.0, 0.0, "custom", "output 3", 0.0, 0.0, 1.0)
     with pytest.raises(ValueError, match="input 'shared_score_shift'"):
         StyleKitStyleAligned.execute(flux, True, True, True, False, 1.0, float("nan"), "custom", "", 0.0, 0.0, 1.0)
-
-
-def test_the_vsp_reference_sampler_refuses_dit_models(flux):
-    from stylekit.nodes.visual_style_prompting import StyleKitVisualStylePromptingReferenceSampler
-
-    cond = dit_conditioning(flux, tokens=TEXT)
-    with pytest.raises(ValueError, match="StyleKit Visual Style Prompting Reference Sampler: input 'model'"):
-        StyleKitVisualStylePromptingReferenceSampler.execute(
-            flux, cond, cond, cond, {"samples": torch.zeros(1, 16, SIDE, SIDE)}, 0, 4, 1.0, "euler", "simple", False,
-            0.85, 0.9, "highest-resolution up block", "")
 
 
 def test_a_block_replace_already_there_still_runs_inside_ours(flux):

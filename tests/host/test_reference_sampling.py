@@ -14,10 +14,10 @@ from stylekit.host.batch import chunks
 from stylekit.host.layer_select import ALL, resolve_blocks
 from stylekit.host.schedule import SigmaWindow
 from stylekit.patching.style_aligned import StyleAlignedSettings, install_style_aligned
-from stylekit.sampling.conditioning import encode_lines
+from stylekit.sampling.conditioning import InputError, encode_lines
 from stylekit.sampling.inversion import invert, schedule
-from stylekit.sampling.reference import (NoisedReference, ReferenceRowGuider, TrajectoryReference,
-                                         sample_with_reference)
+from stylekit.sampling.reference import (NoisedReference, ReferenceRowGuider,
+                                         TrajectoryReference, sample_with_reference)
 from stylekit.host.trajectory import reference_latent
 from stylekit.tests.host.sharing_support import cond_and_uncond_apart, encode, relative_error, sample
 
@@ -208,6 +208,7 @@ def test_the_calibrated_step_is_the_official_ddim_step(setup, sampler_name):
 
 def test_a_reference_of_another_size_is_refused_clearly(setup):
     sd15, positive, negative, reference_positive, _, trajectory = setup
-    with pytest.raises(ValueError, match="input 'latent_image'.*reference's"):
+    with pytest.raises(InputError, match="input 'latent_image': its latent is.*reference's") as caught:
         sample_with_reference(sd15.model, TrajectoryReference(trajectory, 5), positive, negative, reference_positive,
                               torch.zeros(1, 4, 16, 16), trajectory.sigmas, 0, 5.0, "euler")
+    assert caught.value.input_name == "latent_image"

@@ -79,6 +79,11 @@ def without_t5(prompt: dict) -> dict:
             guidance = node["inputs"].get("guidance", 3.5)
             out[nid] = {"class_type": "TestDiTConditioning", "_meta": node.get("_meta", {}),
                         "inputs": {"model": [models[0], 0], "seed": seed, "tokens": 8, "guidance": guidance}}
+        elif node.get("class_type") == "StyleKitPromptBatch" and isinstance(clip, list) and clip[0] in loaders:
+            # One tensor prompt per line, and the count output the latent's batch size reads.
+            out[nid] = {"class_type": "TestDiTPromptBatch", "_meta": node.get("_meta", {}),
+                        "inputs": {"model": [models[0], 0], "seed": seed, "tokens": 8, "guidance": 3.5,
+                                   "text": node["inputs"]["text"]}}
     for nid in loaders:
         if any(isinstance(v, list) and v[0] == nid for n in out.values() for v in n.get("inputs", {}).values()):
             raise ValueError(f"node {nid} (a DiT text encoder) feeds a node other than a text encode")

@@ -51,15 +51,18 @@ def complex_rope(x, positions):
     return torch.view_as_real(z).reshape(x.shape)
 
 
-def reference_shared(q, k, v, refs, image, aq=True, ak=True, av=False, scale=1.0, shift=0.0, shared_keys=None):
-    """q, k, v as [B, H, L, D]; shared_keys(r, h) gives the reference's image keys when they are re-positioned."""
+def reference_shared(q, k, v, refs, image, aq=True, ak=True, av=False, scale=1.0, shift=0.0, shared_keys=None,
+                     masks=None):
+    """q, k, v as [B, H, L, D]; shared_keys(r, h) gives the reference's image keys when they are re-positioned;
+    masks(i, h) the caller's additive mask [L, L] of row i, head h (its own keys; the added ones get β)."""
     q, k, v = q.double(), k.double(), v.double()
     out = torch.zeros_like(q)
     for i, r in enumerate(refs):
         for h in range(q.shape[1]):
             Q, K, V = q[i, h].clone(), k[i, h].clone(), v[i, h].clone()
+            own = torch.zeros(Q.shape[0], K.shape[0], dtype=torch.float64) if masks is None else masks(i, h)
             if i == r:
-                out[i, h] = naive_attention(Q, K, V)
+                out[i, h] = naive_attention(Q, K, V, own)
                 continue
             Qr, Kr, Vr = q[r, h], k[r, h], v[r, h]
             if aq:
@@ -69,19 +72,19 @@ def reference_shared(q, k, v, refs, image, aq=True, ak=True, av=False, scale=1.0
             if av:
                 V[image] = naive_adain(V[image], Vr[image])
             shared = Kr[image] if shared_keys is None else shared_keys(r, h)
-            bias = torch.cat([torch.zeros(K.shape[0]), torch.full((shared.shape[0],), shift)]).double()
+            bias = torch.cat([own, torch.full((Q.shape[0], shared.shape[0]), shift, dtype=torch.float64)], dim=1)
             out[i, h] = naive_attention(Q, torch.cat([K, scale * shared]), torch.cat([V, Vr[image]]), bias)
     return out
 
 
-def reference_swapped(q, k, v, refs, image):
+def reference_swapped(q, k, v, refs, image, masks=None):
     q, k, v = q.double(), k.double(), v.double()
     out = torch.zeros_like(q)
     for i, r in enumerate(refs):
         for h in range(q.shape[1]):
             K, V = k[i, h].clone(), v[i, h].clone()
             K[image], V[image] = k[r, h][image], v[r, h][image]
-            out[i, h] = naive_attention(q[i, h], K, V)
+            out[i, h] = naive_attention(q[i, h], K, V, None if masks is None else masks(i, h))
     return out
 
 
@@ -296,3 +299,74 @@ def test_aligned_reference_positions_favour_the_same_position_and_a_grid_offset_
     assert aligned > 5 * none
     assert abs(index - aligned) < 0.05 * aligned
     assert grid < 2 * none < aligned / 2
+
+
+# The caller's attention mask (Flux's attention_mask from the conditioning) inside shared blocks:
+# every row keeps it over its own joint keys, the reference's added image keys are allowed (+β).
+def _masks(batch, seed, tokens=TEXT + IMAGE, heads=1):
+    """Per-row additive masks [B, heads, L, L] with blocked entries (−inf) and biases, as a regional or
+    attn_bias mask would put them; no query loses every key."""
+    g = torch.Generator().manual_seed(seed)
+    bias = torch.randn(batch, heads, tokens, tokens, generator=g)
+    blocked = torch.rand(batch, heads, tokens, tokens, generator=g) < 0.3
+    blocked[..., TEXT:TEXT + 2] = False  # two image keys always open
+    return bias.masked_fill(blocked, float("-inf"))
+
+
+@pytest.mark.parametrize("layout", ["batch 2, one chunk", "batch 3, one chunk", "batch 8, cond and uncond together",
+                                    "batch 6, three chunks of two"])
+@pytest.mark.parametrize("shift", [0.0, math.log(2)])
+def test_a_per_row_additive_mask_is_kept_on_own_keys_and_the_reference_keys_are_allowed(layout, shift):
+    refs = LAYOUTS[layout]
+    q, k, v = _qkv(len(refs), 12)
+    mask = _masks(len(refs), 13)[:, 0]  # [B, L, L], as core's Flux hands it
+    image = image_span(TEXT, IMAGE)
+    got = joint_shared_attention(q, k, v, refs, image, heads_kernel, score_shift=shift, mask=mask)
+    want = reference_shared(q, k, v, refs, image, shift=shift, masks=lambda i, h: mask[i].double())
+    torch.testing.assert_close(_as_heads(got).double(), want, atol=1e-5, rtol=0)
+    # The mask does something: without it the result differs.
+    assert not torch.allclose(got, joint_shared_attention(q, k, v, refs, image, heads_kernel, score_shift=shift))
+
+
+@pytest.mark.parametrize("shift", [0.0, 0.5])
+def test_a_shared_boolean_mask_combines_with_the_reference_keys(shift):
+    refs = [0, 0, 0, 3, 3, 3]
+    q, k, v = _qkv(6, 14)
+    keep = torch.isfinite(_masks(1, 15)[0, 0])  # [L, L], True = attend, one mask for every row
+    image = image_span(TEXT, IMAGE)
+    got = joint_shared_attention(q, k, v, refs, image, heads_kernel, score_shift=shift, mask=keep)
+    additive = torch.zeros(keep.shape, dtype=torch.float64).masked_fill(~keep, float("-inf"))
+    want = reference_shared(q, k, v, refs, image, shift=shift, masks=lambda i, h: additive)
+    torch.testing.assert_close(_as_heads(got).double(), want, atol=1e-5, rtol=0)
+
+
+def test_a_per_head_mask_in_the_merged_layout_matches_the_formula():
+    # Core's MMDiT layout with a [B, H, L, L] mask (the widest shape core's kernels take).
+    refs = LAYOUTS["batch 8, chunks reversed (uncond first)"]
+    q, k, v = _qkv(len(refs), 16)
+    mask = _masks(len(refs), 17, heads=HEADS)
+    image = image_span(TEXT, IMAGE)
+    merged = [t.transpose(1, 2).flatten(2) for t in (q, k, v)]
+    got = joint_shared_attention(*merged, refs, image, merged_kernel, adain_values=True, score_scale=0.8,
+                                 score_shift=-0.2, mask=mask)
+    want = reference_shared(q, k, v, refs, image, av=True, scale=0.8, shift=-0.2, masks=lambda i, h: mask[i, h].double())
+    torch.testing.assert_close(_as_heads(got).double(), want, atol=1e-5, rtol=0)
+
+
+def test_reference_rows_keep_their_mask_exactly():
+    refs = [0, 0, 0, 3, 3, 3]
+    q, k, v = _qkv(6, 18)
+    mask = _masks(6, 19)[:, 0]
+    got = joint_shared_attention(q, k, v, refs, image_span(TEXT, IMAGE), heads_kernel, score_shift=1.0, mask=mask)
+    assert torch.equal(got[[0, 3]], heads_kernel(q[[0, 3]], k[[0, 3]], v[[0, 3]], mask[[0, 3]]))
+
+
+@pytest.mark.parametrize("layout", ["batch 3, one chunk", "batch 8, cond and uncond together"])
+def test_swapped_attention_keeps_the_mask_on_its_slots(layout):
+    refs = LAYOUTS[layout]
+    q, k, v = _qkv(len(refs), 20)
+    mask = _masks(len(refs), 21)[:, 0]
+    image = image_span(TEXT, IMAGE)
+    got = joint_swapped_attention(q, k, v, refs, image, heads_kernel, mask=mask)
+    want = reference_swapped(q, k, v, refs, image, masks=lambda i, h: mask[i].double())
+    torch.testing.assert_close(_as_heads(got).double(), want, atol=1e-5, rtol=0)

@@ -62,3 +62,18 @@ def test_sd3_text_encodes_become_tensor_conditioning_on_the_checkpoints_model_an
                             "inputs": {"clip_name1": "clip_l.safetensors", "clip_name2": "clip_g.safetensors",
                                        "type": "sd3"}}}
     assert "2" not in without_t5(dual)
+
+
+def test_a_prompt_batch_on_a_dit_text_encoder_becomes_a_tensor_prompt_batch():
+    from stylekit.tests.support.workflows import without_t5
+
+    prompt = {
+        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": "flux1-dev.safetensors"}},
+        "2": {"class_type": "DualCLIPLoader", "inputs": {"clip_name1": "a", "clip_name2": "b", "type": "flux"}},
+        "3": {"class_type": "StyleKitPromptBatch", "inputs": {"clip": ["2", 0], "text": "a cat\na dog"}},
+        "4": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 64, "height": 64, "batch_size": ["3", 1]}},
+    }
+    out = without_t5(prompt)
+    assert "2" not in out and out["4"] == prompt["4"]
+    assert out["3"]["class_type"] == "TestDiTPromptBatch"
+    assert out["3"]["inputs"]["model"] == ["1", 0] and out["3"]["inputs"]["text"] == "a cat\na dog"

@@ -27,5 +27,26 @@ class TestDiTConditioning:
         return (dit_conditioning(model, tokens=tokens, seed=seed, guidance=guidance),)
 
 
-NODE_CLASS_MAPPINGS = {"TestDiTConditioning": TestDiTConditioning}
-NODE_DISPLAY_NAME_MAPPINGS = {"TestDiTConditioning": "Test DiT Conditioning (tensors)"}
+class TestDiTPromptBatch:
+    """StyleKit Prompt Batch's outputs for a DiT without a text encoder: one seeded tensor prompt per
+    non-empty line of `text` (rows of one CONDITIONING) and their count."""
+    CATEGORY = "_for_testing"
+    RETURN_TYPES = ("CONDITIONING", "INT")
+    RETURN_NAMES = ("conditioning", "count")
+    FUNCTION = "make"
+    DESCRIPTION = "A batch of DiT prompts made of seeded random tensors, one per line (tests only)."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        required = dict(TestDiTConditioning.INPUT_TYPES()["required"])
+        required["text"] = ("STRING", {"multiline": True, "default": ""})
+        return {"required": required}
+
+    def make(self, model, seed, tokens, guidance, text):
+        rows = max(1, sum(1 for line in text.splitlines() if line.strip()))
+        return (dit_conditioning(model, batch=rows, tokens=tokens, seed=seed, guidance=guidance), rows)
+
+
+NODE_CLASS_MAPPINGS = {"TestDiTConditioning": TestDiTConditioning, "TestDiTPromptBatch": TestDiTPromptBatch}
+NODE_DISPLAY_NAME_MAPPINGS = {"TestDiTConditioning": "Test DiT Conditioning (tensors)",
+                              "TestDiTPromptBatch": "Test DiT Prompt Batch (tensors)"}
