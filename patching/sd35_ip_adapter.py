@@ -7,6 +7,10 @@ adapter's replace, another pack's, or core's block) with an attention override c
 of the one already in transformer_options: it adds the term to the x part of the block's joint
 attention output, before the output projection, and hands everything else through unchanged.
 
+A mask per adapter (regional image prompts) weights the term per image token, resized to the
+token grid that an APPLY_MODEL wrapper records (patching.dit_masks): tokens outside it get exactly
+the plain block (every later operation of the x stream in the block is per token).
+
 The resampler is timestep-aware: its tokens and temb are recomputed once per sampling step at
 timestep = sigma·1000 (SD3's) for the cond and uncond (zero) features, shared by every block.
 """
@@ -26,6 +30,7 @@ from ..host.batch import chunks
 from ..host.block_map import MMDIT_JOINT, BlockMap, block_map
 from ..host.block_weights import ALL, CUSTOM, BlockWeightsError, parse_spec, resolve_block_weights
 from ..host.schedule import SigmaWindow, current_sigma, percent_window
+from .dit_masks import DiTTokenMask, record_token_grid
 from .ip_adapter import AdapterMismatch
 
 OVERRIDE = "optimized_attention_override"
@@ -78,9 +83,9 @@ class JointIPBlockPatch:
     """("double_block", i) replace on an MMDiT: the wrapped block with this adapter's term added."""
 
     def __init__(self, previous: Callable | None, block: torch.nn.Module, layer: JointIPLayer,
-                 tokens: ResamplerTokens, weight: float, window: SigmaWindow):
+                 tokens: ResamplerTokens, weight: float, window: SigmaWindow, mask: DiTTokenMask | None = None):
         self.previous, self.block, self.layer, self.tokens = previous, block, layer, tokens
-        self.weight, self.window = weight, window
+        self.weight, self.window, self.mask = weight, window, mask
 
     def __call__(self, args: dict, extra: dict) -> dict:
         options = args.get("transformer_options") or {}
@@ -103,7 +108,8 @@ class JointIPBlockPatch:
         if kernel_options[OVERRIDE] is None:
             del kernel_options[OVERRIDE]
         kernel = partial(optimized_attention, heads=heads, transformer_options=kernel_options)
-        term = joint_ip_attention(q, k, v, ip_k, ip_v, self.weight, kernel)
+        mask = None if self.mask is None else self.mask.for_batch(options, x.shape[1], len(parts), rows, x.device, x.dtype)
+        term = joint_ip_attention(q, k, v, ip_k, ip_v, self.weight, kernel, mask)
         if term is None:
             return self._run(args, extra)
         add_term = _AddTerm(options.get(OVERRIDE), term, txt.shape[1])
@@ -148,6 +154,8 @@ class SD35IPSettings:
     end_percent: float = 1.0
     blocks: str = ALL
     block_weights: object = ""
+    attn_mask: torch.Tensor | None = None   # [M, H, W] in [0, 1]; M = 1 or one per latent
+    node: str = "StyleKit IP-Adapter"
 
 
 def apply_sd35_ip_adapter(model_patcher, adapter: InstantXSD35Adapter, features: torch.Tensor,
@@ -168,6 +176,7 @@ def apply_sd35_ip_adapter(model_patcher, adapter: InstantXSD35Adapter, features:
     weights = joint_block_weights(bm, settings.blocks, settings.block_weights)
     window = percent_window(model_patcher, settings.start_percent, settings.end_percent)
     tokens = ResamplerTokens(adapter, features, torch.zeros_like(features) if negative is None else negative)
+    mask = DiTTokenMask(settings.attn_mask, settings.node) if settings.attn_mask is not None else None
     m = model_patcher.clone()
     replaces = m.model_options["transformer_options"].get("patches_replace", {}).get("dit", {})
     for index, w in weights.items():
@@ -176,8 +185,10 @@ def apply_sd35_ip_adapter(model_patcher, adapter: InstantXSD35Adapter, features:
             continue
         block = m.get_model_object(f"diffusion_model.joint_blocks.{index}")
         m.set_model_patch_replace(JointIPBlockPatch(replaces.get(("double_block", index)), block,
-                                                    adapter.layers[index], tokens, w, window),
+                                                    adapter.layers[index], tokens, w, window, mask),
                                   "dit", "double_block", index)
+    if mask is not None:
+        record_token_grid(m, at_apply_model=True)
     return m
 
 
@@ -189,11 +200,10 @@ def apply_sd35_ip_adapter_embeds(model_patcher, adapter: InstantXSD35Adapter, em
     if settings.combine != "concat":
         raise CombineError(f"the InstantX SD3.5 adapter takes each reference's tokens side by side: choose concat, "
                            f"not {settings.combine}")
-    if settings.attn_mask is not None:
-        raise ValueError("masks are not supported for the InstantX SD3.5 adapter yet; disconnect attn_mask")
     if embeds.source != adapter.clip_input:
         raise AdapterMismatch(f"{adapter.name} reads SigLIP {adapter.clip_input} but the embeds hold {embeds.source}; "
                               "encode the references for this adapter")
     sd35 = SD35IPSettings(weight=settings.weight, start_percent=settings.start_percent, end_percent=settings.end_percent,
-                          blocks=settings.blocks, block_weights=settings.block_weights)
+                          blocks=settings.blocks, block_weights=settings.block_weights, attn_mask=settings.attn_mask,
+                          node=settings.node)
     return apply_sd35_ip_adapter(model_patcher, adapter, embeds.cond, sd35, negative=embeds.uncond)

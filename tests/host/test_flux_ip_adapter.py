@@ -171,6 +171,33 @@ def test_a_mask_keeps_outside_tokens_plain_and_inside_tokens_as_the_unmasked_ada
     assert (full[:, inside] - plain[:, inside]).abs().max() > 1e-2 * scale
 
 
+def double_1_output(m, inputs) -> torch.Tensor:
+    """The image stream out of double block 1 (the last double block)."""
+    m = m.clone()
+    previous = m.model_options["transformer_options"].get("patches_replace", {}).get("dit", {}).get(("double_block", 1))
+    recorder = Recorder(previous)
+    m.set_model_patch_replace(recorder, "dit", "double_block", 1)
+    core_forward(m, inputs)
+    return recorder.img
+
+
+def test_two_adapters_with_two_masks_each_give_their_region_as_alone(flux, inputs):
+    adapters = [xlabs_flux_from_state_dict(adapter_file(27 + i), f"a{i}") for i in range(2)]
+    tokens = [flux_image_tokens(a, embeds(29 + i)) for i, a in enumerate(adapters)]
+    left = torch.zeros(1, 64, 64)
+    left[:, :, :32] = 1.0
+    last = dict(blocks=CUSTOM, block_weights="double 1")
+    alone = [double_1_output(apply_flux_ip_adapter(flux, a, t, FluxIPSettings(**last)), inputs) for a, t in zip(adapters, tokens)]
+    m = apply_flux_ip_adapter(flux, adapters[0], tokens[0], FluxIPSettings(**last, attn_mask=left))
+    m = apply_flux_ip_adapter(m, adapters[1], tokens[1], FluxIPSettings(**last, attn_mask=1.0 - left))
+    regional = double_1_output(m, inputs)
+    inside = (torch.arange(16) % 4) < 2
+    scale = regional.abs().max()
+    assert (regional[:, inside] - alone[0][:, inside]).abs().max() < 1e-5 * scale
+    assert (regional[:, ~inside] - alone[1][:, ~inside]).abs().max() < 1e-5 * scale
+    assert (alone[0] - alone[1]).abs().max() > 1e-2 * scale   # the two references differ at this scale
+
+
 def test_every_patch_is_hit_once_over_another_packs_replace_and_the_next_plain_run_is_identical(flux, inputs):
     before = core_forward(flux, inputs)
     base = flux.clone()
