@@ -1,6 +1,7 @@
 """The InstantX SD3.5 IP-Adapter patch on core's MMDiT equals diffusers' SD3Transformer2DModel with
 SD3IPAdapterJointAttnProcessor2_0 on the same weights and per-block scales (tiny SD3.5-Large layout:
-depth 2, RMS QK-norm; resampler at small widths), and stacks over another pack's block replace."""
+depth 2, RMS QK-norm; resampler at small widths), and stacks over another pack's block replace; a mask
+per adapter leaves the tokens outside it exactly plain (regional references)."""
 from __future__ import annotations
 
 import pytest
@@ -11,6 +12,7 @@ from stylekit.host.block_weights import CUSTOM
 from stylekit.patching.sd35_ip_adapter import SD35IPSettings, apply_sd35_ip_adapter
 from stylekit.tests.fixtures.dit_ip_adapters import instantx_sd35_shapes
 from stylekit.tests.fixtures.random_weights import random_state_dict
+from stylekit.tests.host.dit_ip_support import loaded_twin, sd35_block_output, sd35_diffusers_forward, sd35_forward
 from stylekit.tests.support.tiny_dits import tiny_mmdit
 
 EMBED, SIGMA = 40, 0.7
@@ -33,50 +35,21 @@ def inputs():
                 y=torch.randn(1, 32, generator=g), features=torch.randn(1, 10, EMBED, generator=g))
 
 
-def core_forward(m, inputs):
-    options = {**m.model_options["transformer_options"], "sigmas": torch.tensor([SIGMA])}
-    with torch.no_grad():
-        return m.model.diffusion_model(inputs["x"], torch.tensor([SIGMA * 1000]), inputs["context"], y=inputs["y"],
-                                       transformer_options=options)
-
-
 @pytest.fixture(scope="module")
 def twin(mmdit):
-    from stylekit.tests.support.diffusers_dit import diffusers_twin_and_key_map
+    return loaded_twin(mmdit)
 
-    model, key_map = diffusers_twin_and_key_map(mmdit)
-    sd = mmdit.model.diffusion_model.state_dict()
-    converted = {}
-    for key, source in key_map.items():
-        if isinstance(source, str):
-            source = (source, None)
-        name, narrow, *convert = source
-        if name not in sd:
-            continue
-        value = sd[name] if narrow is None else sd[name].narrow(*narrow)
-        converted[key] = convert[0](value) if convert else value
-    model = model.to_empty(device="cpu")
-    model.load_state_dict(converted, strict=True)
-    return model.eval()
+
+def core_forward(m, inputs):
+    return sd35_forward(m, inputs, SIGMA)
 
 
 def diffusers_forward(twin, inputs, file=None, adapter=None, scales=()):
-    from diffusers.models.attention_processor import JointAttnProcessor2_0, SD3IPAdapterJointAttnProcessor2_0
+    return sd35_diffusers_forward(twin, inputs, SIGMA, file, adapter, scales)
 
-    kwargs = None
-    for i, block in enumerate(twin.transformer_blocks):
-        if file is None:
-            block.attn.set_processor(JointAttnProcessor2_0())
-            continue
-        proc = SD3IPAdapterJointAttnProcessor2_0(128, 128, 64, 128, scales[i])
-        proc.load_state_dict({k.split(".", 1)[1]: v for k, v in file["ip_adapter"].items() if k.startswith(f"{i}.")})
-        block.attn.set_processor(proc)
-    if file is not None:
-        tokens, temb = adapter.resampler(inputs["features"], torch.tensor([SIGMA * 1000]))
-        kwargs = {"ip_hidden_states": tokens, "temb": temb}
-    with torch.no_grad():
-        return twin(hidden_states=inputs["x"], encoder_hidden_states=inputs["context"], pooled_projections=inputs["y"],
-                    timestep=torch.tensor([SIGMA * 1000]), joint_attention_kwargs=kwargs, return_dict=False)[0]
+
+def last_block_output(m, inputs):
+    return sd35_block_output(m, inputs, SIGMA, 1)
 
 
 def test_the_diffusers_twin_is_cores_mmdit_without_adapter(mmdit, twin, inputs):
@@ -120,32 +93,6 @@ def test_every_patch_is_hit_once_over_another_packs_replace_and_the_next_plain_r
     assert calls == {0: 1, 1: 1}
     assert (patched - before).abs().max() > 1e-3 * before.abs().max()
     assert torch.equal(core_forward(mmdit, inputs), before)
-
-
-class Recorder:
-    """A block replace of 'another pack' at the last joint block: records the x stream the block returns."""
-
-    def __init__(self, previous=None):
-        self.previous, self.img = previous, None
-
-    def __call__(self, args, extra):
-        out = self.previous(args, extra) if self.previous is not None else extra["original_block"](args)
-        self.img = out["img"].clone()
-        return out
-
-
-def last_block_output(m, inputs) -> torch.Tensor:
-    """x stream out of joint block 1, through BaseModel.apply_model (runs the APPLY_MODEL wrapper that
-    records the token grid for masks)."""
-    m = m.clone()
-    previous = m.model_options["transformer_options"].get("patches_replace", {}).get("dit", {}).get(("double_block", 1))
-    recorder = Recorder(previous)
-    m.set_model_patch_replace(recorder, "dit", "double_block", 1)
-    options = {**m.model_options["transformer_options"], "sigmas": torch.tensor([SIGMA]), "wrappers": m.wrappers}
-    with torch.no_grad():
-        m.model.apply_model(inputs["x"], torch.tensor([SIGMA]), c_crossattn=inputs["context"], y=inputs["y"],
-                            transformer_options=options)
-    return recorder.img
 
 
 LEFT = (torch.arange(16) % 4) < 2   # token columns 0-1 of the 4x4 grid of an 8x8 latent
