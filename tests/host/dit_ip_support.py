@@ -29,15 +29,17 @@ def loaded_twin(model_patcher) -> torch.nn.Module:
 
 
 class Recorder:
-    """A block replace of 'another pack': runs what was there, records the image stream and counts calls."""
+    """A block replace of 'another pack': runs what was there, records the streams it returns (txt is None
+    after an MMDiT's last block) and counts calls."""
 
     def __init__(self, previous=None):
-        self.previous, self.calls, self.img = previous, 0, None
+        self.previous, self.calls, self.img, self.txt = previous, 0, None, None
 
     def __call__(self, args, extra):
         self.calls += 1
         out = self.previous(args, extra) if self.previous is not None else extra["original_block"](args)
         self.img = out["img"].clone()
+        self.txt = None if out.get("txt") is None else out["txt"].clone()
         return out
 
 
