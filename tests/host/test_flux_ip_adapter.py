@@ -1,6 +1,7 @@
 """The XLabs Flux IP-Adapter patch on core's Flux equals diffusers' FluxTransformer2DModel with
-FluxIPAdapterAttnProcessor on the same weights and per-layer scales; masks, stacking with other
-block replaces, patch hits and a clean next run.
+FluxIPAdapterAttnProcessor on the same weights and per-layer scales; masks (regional: two adapters,
+two masks), stacking with other block replaces and with other packs' attention overrides, patch
+hits and a clean next run.
 
 Tiny core Flux (hidden 128, 2 double + 2 single blocks), an XLabs-layout adapter file at small
 widths (context 48, CLIP width 24), fp32; the diffusers twin is loaded from the core model's
@@ -145,6 +146,47 @@ def test_every_patch_is_hit_once_over_another_packs_replace_and_the_next_plain_r
     assert (patched - before).abs().max() > 1e-3 * before.abs().max()
     assert "patches_replace" not in flux.model_options["transformer_options"]
     assert torch.equal(flux_forward(flux, inputs), before)
+
+
+def test_other_packs_attention_overrides_set_before_and_after_ours_both_run_chained(flux, twin, inputs, monkeypatch):
+    # The one optimized_attention_override slot (DESIGN §6): a pack that set it before our adapter and one
+    # that chains onto it after both run, on core's joint attention and on our image attention alike.
+    import diffusers.models.transformers.transformer_flux as diffusers_flux
+
+    temperature, gain = 1.3, 0.8
+    calls = {"before": 0, "after": 0}
+
+    def pack_before(func, *args, **kwargs):   # sharpens every query
+        calls["before"] += 1
+        return func(args[0] * temperature, *args[1:], **kwargs)
+
+    base = flux.clone()
+    base.model_options["transformer_options"]["optimized_attention_override"] = pack_before
+    file = adapter_file(31)
+    adapter = xlabs_flux_from_state_dict(file, "a")
+    tokens = flux_image_tokens(adapter, embeds(32))
+    m = apply_flux_ip_adapter(base, adapter, tokens, FluxIPSettings(weight=0.8))
+    below = m.model_options["transformer_options"]["optimized_attention_override"]
+    assert below is pack_before   # ours did not take the slot
+
+    def pack_after(func, *args, **kwargs):    # scales every attention output, chained onto the slot's holder
+        calls["after"] += 1
+        return gain * below(func, *args, **kwargs)
+
+    m.model_options["transformer_options"]["optimized_attention_override"] = pack_after
+    ours = flux_forward(m, inputs)
+    attention_calls = 2 * TINY_FLUX["depth"] + TINY_FLUX["depth_single_blocks"]   # joint + ours per double, single
+    assert calls == {"before": attention_calls, "after": attention_calls}
+
+    dispatch = diffusers_flux.dispatch_attention_fn
+    monkeypatch.setattr(diffusers_flux, "dispatch_attention_fn",
+                        lambda query, *args, **kwargs: gain * dispatch(query * temperature, *args, **kwargs))
+    theirs = flux_diffusers_forward(twin, inputs, [(file, tokens.cond)], [[0.8, 0.8]])
+    monkeypatch.undo()
+    scale = theirs.abs().max()
+    assert (ours - theirs).abs().max() < 1e-4 * scale
+    without_overrides = flux_forward(apply_flux_ip_adapter(flux, adapter, tokens, FluxIPSettings(weight=0.8)), inputs)
+    assert (ours - without_overrides).abs().max() > 1e-2 * scale
 
 
 def test_a_flux_adapter_on_sd3_and_mismatched_vision_features_are_refused(flux):
