@@ -21,8 +21,7 @@ from typing import Callable
 import torch
 from comfy.ldm.modules.attention import optimized_attention
 
-from ..attention.decoupled import ImageKV
-from ..attention.dit_image_prompt import flux_ip_attention
+from ..attention.dit_image_prompt import flux_ip_attention_split
 from ..dit_adapters.flux_query import image_stream_query
 from ..dit_adapters.xlabs_flux import BlockKV, XLabsFluxAdapter
 from ..ip_adapter.encode import CombineError
@@ -103,7 +102,8 @@ def check_flux_adapter_fits(adapter: XLabsFluxAdapter, bm: BlockMap) -> None:
 
 
 class FluxKVCache:
-    """K', V' of one adapter at one double block for the cond and uncond tokens, per device and dtype."""
+    """K', V' of one adapter at one double block for the cond and uncond tokens, per device, dtype and
+    head count, heads apart ([1, H, T, D], the layout the block's attention takes)."""
 
     def __init__(self, kv: BlockKV, tokens: FluxImageTokens):
         self.kv, self.tokens = kv, tokens
@@ -112,14 +112,14 @@ class FluxKVCache:
     def __deepcopy__(self, memo):
         return self
 
-    def get(self, device, dtype) -> tuple[torch.Tensor, ...]:
-        key = (str(device), dtype)
+    def get(self, device, dtype, heads: int) -> tuple[torch.Tensor, ...]:
+        key = (str(device), dtype, heads)
         if key not in self._cache:
             out = []
             with torch.no_grad():
                 for tokens in (self.tokens.cond, self.tokens.uncond):
-                    k, v = self.kv(tokens.to(torch.float32))
-                    out += [k.to(device, dtype), v.to(device, dtype)]
+                    for t in self.kv(tokens.to(torch.float32)):
+                        out.append(t.unflatten(-1, (heads, -1)).transpose(1, 2).contiguous().to(device, dtype))
             self._cache[key] = tuple(out)
         return self._cache[key]
 
@@ -139,14 +139,14 @@ class FluxIPBlockPatch:
         out = self._run(args, extra)
         img = out["img"]
         batch, heads, n_img = q.shape[0], q.shape[1], q.shape[2]
-        k_cond, v_cond, k_uncond, v_uncond = self.kv.get(q.device, q.dtype)
+        k_cond, v_cond, k_uncond, v_uncond = self.kv.get(q.device, q.dtype, heads)
         parts = chunks(options, batch)
         rows = parts[0].rows.stop - parts[0].rows.start
-        k_ip = torch.cat([(k_uncond if c.is_uncond else k_cond).expand(rows, -1, -1) for c in parts])
-        v_ip = torch.cat([(v_uncond if c.is_uncond else v_cond).expand(rows, -1, -1) for c in parts])
+        k_ip = torch.cat([(k_uncond if c.is_uncond else k_cond).expand(rows, -1, -1, -1) for c in parts])
+        v_ip = torch.cat([(v_uncond if c.is_uncond else v_cond).expand(rows, -1, -1, -1) for c in parts])
         mask = None if self.mask is None else self.mask.for_batch(options, n_img, len(parts), rows, q.device, q.dtype)
-        kernel = partial(optimized_attention, heads=heads, transformer_options=options)
-        term = flux_ip_attention(q, [ImageKV(k_ip, v_ip, self.weight, mask)], kernel)
+        kernel = partial(optimized_attention, heads=heads, skip_reshape=True, transformer_options=options)
+        term = flux_ip_attention_split(q, k_ip, v_ip, self.weight, kernel, mask)
         if term is not None:
             out = dict(out)
             out["img"] = img + term.to(img.dtype)
