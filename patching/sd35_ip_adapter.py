@@ -1,11 +1,13 @@
 """InstantX SD3.5-Large IP-Adapter on a ModelPatcher clone: one joint-block replace per weighted block.
 
-Each patch recomputes the block's raw x-stream q, k, v (dit_adapters.mmdit_stream), computes the
-adapter's term w·m ⊙ Attn(n_q(q), [n_k(k); n_ipk(K_ip)], [v; V_ip]) (diffusers'
-SD3IPAdapterJointAttnProcessor2_0), and runs whatever was installed at the block before (another
-adapter's replace, another pack's, or core's block) with an attention override chained in front
-of the one already in transformer_options: it adds the term to the x part of the block's joint
-attention output, before the output projection, and hands everything else through unchanged.
+Each patch runs whatever was installed at the block before (another adapter's replace, another
+pack's, or core's block) with an attention override chained in front of the one already in
+transformer_options. That override computes the adapter's term w·m ⊙ Attn(n_q(q), [n_k(k);
+n_ipk(K_ip)], [v; V_ip]) (diffusers' SD3IPAdapterJointAttnProcessor2_0) from the q, k, v of the
+block's own joint attention (the adapter's norms from the block's RMS QK-norm, dit_adapters.
+mmdit_stream.renormed: no second qkv projection), adds it to the x part of the joint attention
+output, before the output projection, and hands everything else through unchanged. A block whose
+QK-norm cannot be inverted gets its raw x-stream q, k, v recomputed (x_stream_qkv) instead.
 
 A mask per adapter (regional image prompts) weights the term per image token, resized to the
 token grid that an APPLY_MODEL wrapper records (patching.dit_masks): tokens outside it get exactly
@@ -25,7 +27,7 @@ from comfy.ldm.modules.attention import optimized_attention
 
 from ..attention.dit_image_prompt import joint_ip_attention
 from ..dit_adapters.instantx_sd35 import InstantXSD35Adapter, JointIPLayer
-from ..dit_adapters.mmdit_stream import x_stream_qkv
+from ..dit_adapters.mmdit_stream import check_large_joint_block, renormed, rms_qk_gains, x_stream_qkv
 from ..host.batch import chunks
 from ..host.block_map import MMDIT_JOINT, BlockMap, block_map
 from ..host.block_weights import ALL, CUSTOM, BlockWeightsError, parse_spec, resolve_block_weights
@@ -74,9 +76,26 @@ class _AddTerm:
             override = override.previous
         return override
 
+    def term_for(self, q, k, v) -> torch.Tensor:
+        return self.term
+
     def __call__(self, func, *args, **kwargs):
         out = self.previous(func, *args, **kwargs) if self.previous is not None else func(*args, **kwargs)
-        return torch.cat([out[:, :self.text], out[:, self.text:] + self.term.to(out.dtype)], dim=1)
+        term = self.term_for(*args[:3])
+        return torch.cat([out[:, :self.text], out[:, self.text:] + term.to(out.dtype)], dim=1)
+
+
+class _AddTermFromJointQKV(_AddTerm):
+    """_AddTerm whose term comes from the q, k, v core hands the joint attention (q, k [B, L, H·D] after
+    the block's RMS QK-norm, v [B, L, H, D]; text then image tokens)."""
+
+    def __init__(self, previous: Callable | None, text: int, term: Callable):
+        super().__init__(previous, None, text)
+        self.compute = term
+
+    def term_for(self, q, k, v) -> torch.Tensor:
+        x = slice(self.text, None)
+        return self.compute(q[:, x], k[:, x], v[:, x].flatten(2) if v.ndim == 4 else v[:, x])
 
 
 class JointIPBlockPatch:
@@ -93,15 +112,14 @@ class JointIPBlockPatch:
         if sigma is None or not self.window.contains(sigma):
             return self._run(args, extra)
         x, txt = args["img"], args["txt"]
-        q, k, v = x_stream_qkv(self.block, x, args["vec"])
-        q, k = self.layer.queries_keys(q, k)
+        check_large_joint_block(self.block)
         tok_c, temb_c, tok_u, temb_u = self.tokens.get(sigma * 1000.0, x.device, x.dtype)
         parts = chunks(options, x.shape[0])
         rows = parts[0].rows.stop - parts[0].rows.start
         kv = {False: self.layer.image_kv(tok_c, temb_c), True: self.layer.image_kv(tok_u, temb_u)}
         ip_k = torch.cat([kv[c.is_uncond][0].expand(rows, -1, -1) for c in parts])
         ip_v = torch.cat([kv[c.is_uncond][1].expand(rows, -1, -1) for c in parts])
-        heads = q.shape[-1] // self.layer.norm_q.shape[0]
+        heads = x.shape[-1] // self.layer.norm_q.shape[0]
         # The IP attention itself goes through the user's override (sage, another pack's), not through
         # another StyleKit adapter's term adder stacked on this block.
         kernel_options = {**options, OVERRIDE: _AddTerm.unwrap(options.get(OVERRIDE))}
@@ -109,10 +127,17 @@ class JointIPBlockPatch:
             del kernel_options[OVERRIDE]
         kernel = partial(optimized_attention, heads=heads, transformer_options=kernel_options)
         mask = None if self.mask is None else self.mask.for_batch(options, x.shape[1], len(parts), rows, x.device, x.dtype)
-        term = joint_ip_attention(q, k, v, ip_k, ip_v, self.weight, kernel, mask)
-        if term is None:
-            return self._run(args, extra)
-        add_term = _AddTerm(options.get(OVERRIDE), term, txt.shape[1])
+        gains = rms_qk_gains(self.block)
+        if gains is not None:   # the adapter's q, k from the block's own normed ones, inside its attention call
+            def term(q, k, v):
+                q, k = renormed(q, gains[0], self.layer.norm_q), renormed(k, gains[1], self.layer.norm_k)
+                return joint_ip_attention(q, k, v, ip_k, ip_v, self.weight, kernel, mask)
+            add_term = _AddTermFromJointQKV(options.get(OVERRIDE), txt.shape[1], term)
+        else:                   # raw q, k, v recomputed from the block's modules
+            q, k, v = x_stream_qkv(self.block, x, args["vec"])
+            q, k = self.layer.queries_keys(q, k)
+            add_term = _AddTerm(options.get(OVERRIDE), joint_ip_attention(q, k, v, ip_k, ip_v, self.weight, kernel, mask),
+                                txt.shape[1])
         return self._run({**args, "transformer_options": {**options, OVERRIDE: add_term}}, extra)
 
     def _run(self, args: dict, extra: dict) -> dict:

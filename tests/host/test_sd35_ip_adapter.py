@@ -155,3 +155,20 @@ def test_a_masked_adapter_samples_with_cfg_and_a_window_and_leaves_the_model_cle
     patched = sample(m)
     assert torch.isfinite(patched).all() and (patched - plain).abs().max() > 1e-3
     assert torch.equal(sample(mmdit), plain)
+
+
+def test_a_block_whose_qk_norm_has_a_zero_gain_recomputes_its_projections_and_still_matches_diffusers(inputs):
+    # Block 0 takes the adapter's norms from its own RMS QK-norm; block 1 (a gain at 0 cannot be divided
+    # out) recomputes the raw q, k, v: both paths in one forward.
+    from stylekit.dit_adapters.mmdit_stream import rms_qk_gains
+
+    model = tiny_mmdit(seed=5)
+    with torch.no_grad():
+        model.model.diffusion_model.joint_blocks[1].x_block.attn.ln_q.weight[0] = 0.0
+    blocks = model.model.diffusion_model.joint_blocks
+    assert rms_qk_gains(blocks[0]) is not None and rms_qk_gains(blocks[1]) is None
+    file = adapter_file(15)
+    adapter = dit_adapter_from_state_dict(file, "ip-adapter.bin")
+    ours = core_forward(apply_sd35_ip_adapter(model, adapter, inputs["features"], SD35IPSettings(weight=0.6)), inputs)
+    theirs = diffusers_forward(loaded_twin(model), inputs, file, adapter, [0.6, 0.6])
+    assert (ours - theirs).abs().max() < 1e-4 * theirs.abs().max()
