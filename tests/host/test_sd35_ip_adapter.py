@@ -172,3 +172,40 @@ def test_a_block_whose_qk_norm_has_a_zero_gain_recomputes_its_projections_and_st
     ours = core_forward(apply_sd35_ip_adapter(model, adapter, inputs["features"], SD35IPSettings(weight=0.6)), inputs)
     theirs = diffusers_forward(loaded_twin(model), inputs, file, adapter, [0.6, 0.6])
     assert (ours - theirs).abs().max() < 1e-4 * theirs.abs().max()
+
+
+def test_other_packs_attention_overrides_set_before_and_after_ours_both_run_chained(mmdit, twin, inputs, monkeypatch):
+    # Our term joins the joint attention through the override slot for one block call; overrides other
+    # packs put in the slot, before or after our adapter, still run on core's attention and on ours.
+    temperature, gain = 1.3, 0.8
+    calls = {"before": 0, "after": 0}
+
+    def pack_before(func, *args, **kwargs):   # sharpens every query
+        calls["before"] += 1
+        return func(args[0] * temperature, *args[1:], **kwargs)
+
+    base = mmdit.clone()
+    base.model_options["transformer_options"]["optimized_attention_override"] = pack_before
+    file = adapter_file(16)
+    adapter = dit_adapter_from_state_dict(file, "ip-adapter.bin")
+    m = apply_sd35_ip_adapter(base, adapter, inputs["features"], SD35IPSettings(weight=0.6))
+    below = m.model_options["transformer_options"]["optimized_attention_override"]
+    assert below is pack_before   # ours did not take the slot
+
+    def pack_after(func, *args, **kwargs):    # scales every attention output, chained onto the slot's holder
+        calls["after"] += 1
+        return gain * below(func, *args, **kwargs)
+
+    m.model_options["transformer_options"]["optimized_attention_override"] = pack_after
+    ours = core_forward(m, inputs)
+    assert calls == {"before": 4, "after": 4}   # per joint block: core's joint attention and our IP attention
+
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda query, *args, **kwargs: gain * sdpa(query * temperature, *args, **kwargs))
+    theirs = diffusers_forward(twin, inputs, file, adapter, [0.6, 0.6])
+    monkeypatch.undo()
+    scale = theirs.abs().max()
+    assert (ours - theirs).abs().max() < 1e-4 * scale
+    without_overrides = core_forward(apply_sd35_ip_adapter(mmdit, adapter, inputs["features"], SD35IPSettings(weight=0.6)), inputs)
+    assert (ours - without_overrides).abs().max() > 1e-2 * scale
