@@ -209,3 +209,12 @@ def test_other_packs_attention_overrides_set_before_and_after_ours_both_run_chai
     assert (ours - theirs).abs().max() < 1e-4 * scale
     without_overrides = core_forward(apply_sd35_ip_adapter(mmdit, adapter, inputs["features"], SD35IPSettings(weight=0.6)), inputs)
     assert (ours - without_overrides).abs().max() > 1e-2 * scale
+
+
+def test_a_mask_with_a_frame_count_that_fits_no_batch_names_the_input(mmdit, inputs):
+    adapter = dit_adapter_from_state_dict(adapter_file(17), "ip-adapter.bin")
+    m = apply_sd35_ip_adapter(mmdit, adapter, inputs["features"], SD35IPSettings(attn_mask=torch.ones(3, 8, 8),
+                                                                                node="StyleKit IP-Adapter"))
+    with pytest.raises(ValueError, match=r"^StyleKit IP-Adapter: input 'attn_mask': the mask has 3 frames for a batch "
+                                         r"of 1 latents; give one mask, or one per latent"):
+        last_block_output(m, inputs)
