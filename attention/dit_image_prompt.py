@@ -53,6 +53,21 @@ def flux_ip_attention(q_image: torch.Tensor, terms: Sequence[ImageKV], attention
     return image_attention(merge_heads(q_image), terms, attention)
 
 
+def flux_ip_attention_split(q_image: torch.Tensor, k_ip: torch.Tensor, v_ip: torch.Tensor, weight: float,
+                            attention_split: Callable, mask: torch.Tensor | None = None) -> torch.Tensor | None:
+    """flux_ip_attention for one adapter, heads kept apart: w · m ⊙ Attn(Q_img, K', V').
+
+    The kernel takes q, k, v as [B, H, L, D] and returns [B, N, H·D] (core's attention with
+    skip_reshape), so the query is not merged into [B, N, H·D] and split again, and w scales V'
+    (T tokens) instead of the output (N tokens): Attn(q, K', w·V') = w · Attn(q, K', V'). None when
+    w is 0. Shapes: q_image [B, H, N, D]; k_ip, v_ip [B, H, T, D]; mask broadcastable to [B, N, 1].
+    """
+    if weight == 0:
+        return None
+    out = attention_split(q_image, k_ip, v_ip * weight)
+    return out if mask is None else out * mask.to(out.dtype)
+
+
 def joint_ip_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ip_k: torch.Tensor, ip_v: torch.Tensor,
                        weight: float, attention: Attention, mask: torch.Tensor | None = None) -> torch.Tensor | None:
     """InstantX SD3.5 IP term w · m ⊙ Attn(q, [k; ip_k], [v; ip_v]) (diffusers' SD3 IP processor).

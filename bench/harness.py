@@ -36,6 +36,8 @@ class Case:
     notes: str = ""
     peak_memory: bool = False                   # also record peak resident memory added during the timed runs
     text_tokens: int = 8                        # DiT cases: prompt tokens of the seeded conditioning
+    build: Callable | None = None               # () -> (model, positive, negative): a model the harness does not load
+    cpu_time: bool = False                      # time this process's CPU seconds, not wall time (steadier on a shared machine)
 
 
 @dataclass
@@ -94,7 +96,11 @@ DIT_MODELS = ("tiny_flux", "tiny_sd35", "scaled_flux")
 
 
 def measure(case: Case, repeats: int = 3) -> Result:
-    if case.model in DIT_MODELS:
+    if case.build is not None:
+        model, positive, negative = case.build()
+        clip = vae = None
+        channels = model.model.latent_format.latent_channels
+    elif case.model in DIT_MODELS:
         model, positive, negative = _dit(case.model, case.text_tokens)
         clip = vae = None
         channels = 16
@@ -112,13 +118,14 @@ def measure(case: Case, repeats: int = 3) -> Result:
     for _ in range(repeats):
         for name, target, times in (("plain", model, plain_times), ("patched", patched, patched_times)):
             base = psutil.Process().memory_info().rss
-            started = time.perf_counter()
+            clock = time.process_time if case.cpu_time else time.perf_counter
+            started = clock()
             if case.peak_memory:  # polled on a thread during the timed run itself: no extra run
                 peak = peak_rss_during(lambda: run(target))
                 peaks[name] = max(peaks.get(name, 0.0), (peak - base) / 2**20)
             else:
                 run(target)
-            times.append((time.perf_counter() - started) / case.steps)
+            times.append((clock() - started) / case.steps)
     ratios = [p / q for p, q in zip(patched_times, plain_times)]
     result = Result(case, statistics.median(plain_times), statistics.median(patched_times), statistics.median(ratios))
     if case.memory_clones:

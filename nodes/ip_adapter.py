@@ -37,9 +37,6 @@ def _inject(node: str, model, ipadapter, embeds, settings: IPAdapterSettings, ap
         if isinstance(ipadapter, XLabsFluxAdapter):
             return apply_flux_ip_adapter_embeds(model, ipadapter, embeds, settings)
         if isinstance(ipadapter, InstantXSD35Adapter):
-            if settings.attn_mask is not None:
-                raise node_error(node, "attn_mask", "masks are not supported for the InstantX SD3.5 adapter yet; "
-                                 "disconnect attn_mask")
             return apply_sd35_ip_adapter_embeds(model, ipadapter, embeds, settings)
         refuse_unet_adapter_on_dit(ipadapter, model)
         return apply(model, ipadapter, embeds, settings)

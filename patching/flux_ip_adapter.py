@@ -14,18 +14,14 @@ weights: they are never patched.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable
 
-import comfy.patcher_extension
 import torch
 from comfy.ldm.modules.attention import optimized_attention
 
-from ..attention.decoupled import ImageKV
-from ..attention.dit_image_prompt import flux_ip_attention
-from ..attention.masks import mask_to_tokens
+from ..attention.dit_image_prompt import flux_ip_attention_split
 from ..dit_adapters.flux_query import image_stream_query
 from ..dit_adapters.xlabs_flux import BlockKV, XLabsFluxAdapter
 from ..ip_adapter.encode import CombineError
@@ -33,11 +29,8 @@ from ..host.batch import chunks
 from ..host.block_map import FLUX_DOUBLE, BlockMap, block_map
 from ..host.block_weights import ALL, CUSTOM, WEIGHT_RANGE, BlockWeightsError, parse_spec, resolve_block_weights
 from ..host.schedule import SigmaWindow, current_sigma, percent_window
+from .dit_masks import DiTTokenMask, record_token_grid
 from .ip_adapter import AdapterMismatch
-
-GRID_KEY = "stylekit_flux_token_grid"   # transformer_options entry: (rows, cols) of image tokens
-GRID_WRAPPER = "stylekit_flux_token_grid"
-
 
 @dataclass(frozen=True)
 class FluxImageTokens:
@@ -109,7 +102,8 @@ def check_flux_adapter_fits(adapter: XLabsFluxAdapter, bm: BlockMap) -> None:
 
 
 class FluxKVCache:
-    """K', V' of one adapter at one double block for the cond and uncond tokens, per device and dtype."""
+    """K', V' of one adapter at one double block for the cond and uncond tokens, per device, dtype and
+    head count, heads apart ([1, H, T, D], the layout the block's attention takes)."""
 
     def __init__(self, kv: BlockKV, tokens: FluxImageTokens):
         self.kv, self.tokens = kv, tokens
@@ -118,56 +112,23 @@ class FluxKVCache:
     def __deepcopy__(self, memo):
         return self
 
-    def get(self, device, dtype) -> tuple[torch.Tensor, ...]:
-        key = (str(device), dtype)
+    def get(self, device, dtype, heads: int) -> tuple[torch.Tensor, ...]:
+        key = (str(device), dtype, heads)
         if key not in self._cache:
             out = []
             with torch.no_grad():
                 for tokens in (self.tokens.cond, self.tokens.uncond):
-                    k, v = self.kv(tokens.to(torch.float32))
-                    out += [k.to(device, dtype), v.to(device, dtype)]
+                    for t in self.kv(tokens.to(torch.float32)):
+                        out.append(t.unflatten(-1, (heads, -1)).transpose(1, 2).contiguous().to(device, dtype))
             self._cache[key] = tuple(out)
         return self._cache[key]
-
-
-class FluxTokenMask:
-    """A [M, H, W] mask resized to the image-token grid, cached per grid, device and dtype."""
-
-    def __init__(self, mask: torch.Tensor, node: str):
-        self.mask, self.node = mask, node
-        self._cache: dict[tuple, torch.Tensor] = {}
-
-    def __deepcopy__(self, memo):
-        return self
-
-    def tokens(self, grid: tuple[int, int], n_tokens: int, rows: int, device, dtype) -> torch.Tensor:
-        """[M, n_tokens, 1]; tokens past the grid (Kontext reference latents) get 0."""
-        frames = self.mask.shape[0]
-        if frames not in (1, rows):
-            raise ValueError(f"{self.node}: input 'attn_mask': the mask has {frames} frames for a batch of {rows} "
-                             "latents; give one mask, or one per latent")
-        key = (grid, n_tokens, str(device), dtype)
-        if key not in self._cache:
-            m = mask_to_tokens(self.mask, grid)
-            if m.shape[1] < n_tokens:
-                m = torch.cat([m, m.new_zeros(m.shape[0], n_tokens - m.shape[1], 1)], dim=1)
-            self._cache[key] = m.to(device, dtype)
-        return self._cache[key]
-
-
-def _record_grid(executor, x, *args, **kwargs):
-    """DIFFUSION_MODEL wrapper: the image-token grid of this call, as core's Flux patchifies (pad to 2)."""
-    options = args[-1] if args and isinstance(args[-1], dict) else kwargs.get("transformer_options")
-    if options is not None:
-        options[GRID_KEY] = (math.ceil(x.shape[-2] / 2), math.ceil(x.shape[-1] / 2))
-    return executor(x, *args, **kwargs)
 
 
 class FluxIPBlockPatch:
     """("double_block", i) replace: the wrapped block, plus this adapter's image attention."""
 
     def __init__(self, previous: Callable | None, block: torch.nn.Module, kv: FluxKVCache, weight: float,
-                 window: SigmaWindow, mask: FluxTokenMask | None):
+                 window: SigmaWindow, mask: DiTTokenMask | None):
         self.previous, self.block, self.kv, self.weight, self.window, self.mask = previous, block, kv, weight, window, mask
 
     def __call__(self, args: dict, extra: dict) -> dict:
@@ -178,21 +139,14 @@ class FluxIPBlockPatch:
         out = self._run(args, extra)
         img = out["img"]
         batch, heads, n_img = q.shape[0], q.shape[1], q.shape[2]
-        k_cond, v_cond, k_uncond, v_uncond = self.kv.get(q.device, q.dtype)
+        k_cond, v_cond, k_uncond, v_uncond = self.kv.get(q.device, q.dtype, heads)
         parts = chunks(options, batch)
         rows = parts[0].rows.stop - parts[0].rows.start
-        k_ip = torch.cat([(k_uncond if c.is_uncond else k_cond).expand(rows, -1, -1) for c in parts])
-        v_ip = torch.cat([(v_uncond if c.is_uncond else v_cond).expand(rows, -1, -1) for c in parts])
-        mask = None
-        if self.mask is not None:
-            grid = options.get(GRID_KEY)
-            if grid is None:
-                raise RuntimeError("the Flux IP-Adapter mask needs the token grid, recorded by its DIFFUSION_MODEL "
-                                   "wrapper; run the model through a sampler")
-            mask = self.mask.tokens(grid, n_img, rows, q.device, q.dtype)
-            mask = mask if mask.shape[0] == 1 else mask.repeat(len(parts), 1, 1)
-        kernel = partial(optimized_attention, heads=heads, transformer_options=options)
-        term = flux_ip_attention(q, [ImageKV(k_ip, v_ip, self.weight, mask)], kernel)
+        k_ip = torch.cat([(k_uncond if c.is_uncond else k_cond).expand(rows, -1, -1, -1) for c in parts])
+        v_ip = torch.cat([(v_uncond if c.is_uncond else v_cond).expand(rows, -1, -1, -1) for c in parts])
+        mask = None if self.mask is None else self.mask.for_batch(options, n_img, len(parts), rows, q.device, q.dtype)
+        kernel = partial(optimized_attention, heads=heads, skip_reshape=True, transformer_options=options)
+        term = flux_ip_attention_split(q, k_ip, v_ip, self.weight, kernel, mask)
         if term is not None:
             out = dict(out)
             out["img"] = img + term.to(img.dtype)
@@ -231,7 +185,7 @@ def apply_flux_ip_adapter(model_patcher, adapter: XLabsFluxAdapter, tokens: Flux
     check_flux_adapter_fits(adapter, bm)
     weights = double_block_weights(bm, settings.blocks, settings.block_weights)
     window = percent_window(model_patcher, settings.start_percent, settings.end_percent)
-    mask = FluxTokenMask(settings.attn_mask, settings.node) if settings.attn_mask is not None else None
+    mask = DiTTokenMask(settings.attn_mask, settings.node) if settings.attn_mask is not None else None
     m = model_patcher.clone()
     replaces = m.model_options["transformer_options"].get("patches_replace", {}).get("dit", {})
     for index, w in weights.items():
@@ -243,9 +197,7 @@ def apply_flux_ip_adapter(model_patcher, adapter: XLabsFluxAdapter, tokens: Flux
                                  FluxKVCache(adapter.kv[index], tokens), w, window, mask)
         m.set_model_patch_replace(patch, "dit", "double_block", index)
     if mask is not None:
-        wrappers = m.wrappers.get(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, {})
-        if GRID_WRAPPER not in wrappers:
-            m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, GRID_WRAPPER, _record_grid)
+        record_token_grid(m, at_apply_model=False)
     return m
 
 

@@ -1,11 +1,17 @@
 """InstantX SD3.5-Large IP-Adapter on a ModelPatcher clone: one joint-block replace per weighted block.
 
-Each patch recomputes the block's raw x-stream q, k, v (dit_adapters.mmdit_stream), computes the
-adapter's term w·m ⊙ Attn(n_q(q), [n_k(k); n_ipk(K_ip)], [v; V_ip]) (diffusers'
-SD3IPAdapterJointAttnProcessor2_0), and runs whatever was installed at the block before (another
-adapter's replace, another pack's, or core's block) with an attention override chained in front
-of the one already in transformer_options: it adds the term to the x part of the block's joint
-attention output, before the output projection, and hands everything else through unchanged.
+Each patch runs whatever was installed at the block before (another adapter's replace, another
+pack's, or core's block) with an attention override chained in front of the one already in
+transformer_options. That override computes the adapter's term w·m ⊙ Attn(n_q(q), [n_k(k);
+n_ipk(K_ip)], [v; V_ip]) (diffusers' SD3IPAdapterJointAttnProcessor2_0) from the q, k, v of the
+block's own joint attention (the adapter's norms from the block's RMS QK-norm, dit_adapters.
+mmdit_stream.renormed: no second qkv projection), adds it to the x part of the joint attention
+output, before the output projection, and hands everything else through unchanged. A block whose
+QK-norm cannot be inverted gets its raw x-stream q, k, v recomputed (x_stream_qkv) instead.
+
+A mask per adapter (regional image prompts) weights the term per image token, resized to the
+token grid that an APPLY_MODEL wrapper records (patching.dit_masks): tokens outside it get exactly
+the plain block (every later operation of the x stream in the block is per token).
 
 The resampler is timestep-aware: its tokens and temb are recomputed once per sampling step at
 timestep = sigma·1000 (SD3's) for the cond and uncond (zero) features, shared by every block.
@@ -21,11 +27,12 @@ from comfy.ldm.modules.attention import optimized_attention
 
 from ..attention.dit_image_prompt import joint_ip_attention
 from ..dit_adapters.instantx_sd35 import InstantXSD35Adapter, JointIPLayer
-from ..dit_adapters.mmdit_stream import x_stream_qkv
+from ..dit_adapters.mmdit_stream import check_large_joint_block, renormed, rms_qk_gains, x_stream_qkv
 from ..host.batch import chunks
 from ..host.block_map import MMDIT_JOINT, BlockMap, block_map
 from ..host.block_weights import ALL, CUSTOM, BlockWeightsError, parse_spec, resolve_block_weights
 from ..host.schedule import SigmaWindow, current_sigma, percent_window
+from .dit_masks import DiTTokenMask, record_token_grid
 from .ip_adapter import AdapterMismatch
 
 OVERRIDE = "optimized_attention_override"
@@ -69,18 +76,35 @@ class _AddTerm:
             override = override.previous
         return override
 
+    def term_for(self, q, k, v) -> torch.Tensor:
+        return self.term
+
     def __call__(self, func, *args, **kwargs):
         out = self.previous(func, *args, **kwargs) if self.previous is not None else func(*args, **kwargs)
-        return torch.cat([out[:, :self.text], out[:, self.text:] + self.term.to(out.dtype)], dim=1)
+        term = self.term_for(*args[:3])
+        return torch.cat([out[:, :self.text], out[:, self.text:] + term.to(out.dtype)], dim=1)
+
+
+class _AddTermFromJointQKV(_AddTerm):
+    """_AddTerm whose term comes from the q, k, v core hands the joint attention (q, k [B, L, H·D] after
+    the block's RMS QK-norm, v [B, L, H, D]; text then image tokens)."""
+
+    def __init__(self, previous: Callable | None, text: int, term: Callable):
+        super().__init__(previous, None, text)
+        self.compute = term
+
+    def term_for(self, q, k, v) -> torch.Tensor:
+        x = slice(self.text, None)
+        return self.compute(q[:, x], k[:, x], v[:, x].flatten(2) if v.ndim == 4 else v[:, x])
 
 
 class JointIPBlockPatch:
     """("double_block", i) replace on an MMDiT: the wrapped block with this adapter's term added."""
 
     def __init__(self, previous: Callable | None, block: torch.nn.Module, layer: JointIPLayer,
-                 tokens: ResamplerTokens, weight: float, window: SigmaWindow):
+                 tokens: ResamplerTokens, weight: float, window: SigmaWindow, mask: DiTTokenMask | None = None):
         self.previous, self.block, self.layer, self.tokens = previous, block, layer, tokens
-        self.weight, self.window = weight, window
+        self.weight, self.window, self.mask = weight, window, mask
 
     def __call__(self, args: dict, extra: dict) -> dict:
         options = args.get("transformer_options") or {}
@@ -88,25 +112,32 @@ class JointIPBlockPatch:
         if sigma is None or not self.window.contains(sigma):
             return self._run(args, extra)
         x, txt = args["img"], args["txt"]
-        q, k, v = x_stream_qkv(self.block, x, args["vec"])
-        q, k = self.layer.queries_keys(q, k)
+        check_large_joint_block(self.block)
         tok_c, temb_c, tok_u, temb_u = self.tokens.get(sigma * 1000.0, x.device, x.dtype)
         parts = chunks(options, x.shape[0])
         rows = parts[0].rows.stop - parts[0].rows.start
         kv = {False: self.layer.image_kv(tok_c, temb_c), True: self.layer.image_kv(tok_u, temb_u)}
         ip_k = torch.cat([kv[c.is_uncond][0].expand(rows, -1, -1) for c in parts])
         ip_v = torch.cat([kv[c.is_uncond][1].expand(rows, -1, -1) for c in parts])
-        heads = q.shape[-1] // self.layer.norm_q.shape[0]
+        heads = x.shape[-1] // self.layer.norm_q.shape[0]
         # The IP attention itself goes through the user's override (sage, another pack's), not through
         # another StyleKit adapter's term adder stacked on this block.
         kernel_options = {**options, OVERRIDE: _AddTerm.unwrap(options.get(OVERRIDE))}
         if kernel_options[OVERRIDE] is None:
             del kernel_options[OVERRIDE]
         kernel = partial(optimized_attention, heads=heads, transformer_options=kernel_options)
-        term = joint_ip_attention(q, k, v, ip_k, ip_v, self.weight, kernel)
-        if term is None:
-            return self._run(args, extra)
-        add_term = _AddTerm(options.get(OVERRIDE), term, txt.shape[1])
+        mask = None if self.mask is None else self.mask.for_batch(options, x.shape[1], len(parts), rows, x.device, x.dtype)
+        gains = rms_qk_gains(self.block)
+        if gains is not None:   # the adapter's q, k from the block's own normed ones, inside its attention call
+            def term(q, k, v):
+                q, k = renormed(q, gains[0], self.layer.norm_q), renormed(k, gains[1], self.layer.norm_k)
+                return joint_ip_attention(q, k, v, ip_k, ip_v, self.weight, kernel, mask)
+            add_term = _AddTermFromJointQKV(options.get(OVERRIDE), txt.shape[1], term)
+        else:                   # raw q, k, v recomputed from the block's modules
+            q, k, v = x_stream_qkv(self.block, x, args["vec"])
+            q, k = self.layer.queries_keys(q, k)
+            add_term = _AddTerm(options.get(OVERRIDE), joint_ip_attention(q, k, v, ip_k, ip_v, self.weight, kernel, mask),
+                                txt.shape[1])
         return self._run({**args, "transformer_options": {**options, OVERRIDE: add_term}}, extra)
 
     def _run(self, args: dict, extra: dict) -> dict:
@@ -148,6 +179,8 @@ class SD35IPSettings:
     end_percent: float = 1.0
     blocks: str = ALL
     block_weights: object = ""
+    attn_mask: torch.Tensor | None = None   # [M, H, W] in [0, 1]; M = 1 or one per latent
+    node: str = "StyleKit IP-Adapter"
 
 
 def apply_sd35_ip_adapter(model_patcher, adapter: InstantXSD35Adapter, features: torch.Tensor,
@@ -167,7 +200,10 @@ def apply_sd35_ip_adapter(model_patcher, adapter: InstantXSD35Adapter, features:
                               f"shape {tuple(features.shape)}; load the SigLIP so400m vision model")
     weights = joint_block_weights(bm, settings.blocks, settings.block_weights)
     window = percent_window(model_patcher, settings.start_percent, settings.end_percent)
-    tokens = ResamplerTokens(adapter, features, torch.zeros_like(features) if negative is None else negative)
+    # zero features as a broadcast view: a zeros_like per application held 3.4 MB (729 x 1152 fp32) in every clone
+    uncond = features.new_zeros(()).expand(features.shape) if negative is None else negative
+    tokens = ResamplerTokens(adapter, features, uncond)
+    mask = DiTTokenMask(settings.attn_mask, settings.node) if settings.attn_mask is not None else None
     m = model_patcher.clone()
     replaces = m.model_options["transformer_options"].get("patches_replace", {}).get("dit", {})
     for index, w in weights.items():
@@ -176,8 +212,10 @@ def apply_sd35_ip_adapter(model_patcher, adapter: InstantXSD35Adapter, features:
             continue
         block = m.get_model_object(f"diffusion_model.joint_blocks.{index}")
         m.set_model_patch_replace(JointIPBlockPatch(replaces.get(("double_block", index)), block,
-                                                    adapter.layers[index], tokens, w, window),
+                                                    adapter.layers[index], tokens, w, window, mask),
                                   "dit", "double_block", index)
+    if mask is not None:
+        record_token_grid(m, at_apply_model=True)
     return m
 
 
@@ -189,11 +227,10 @@ def apply_sd35_ip_adapter_embeds(model_patcher, adapter: InstantXSD35Adapter, em
     if settings.combine != "concat":
         raise CombineError(f"the InstantX SD3.5 adapter takes each reference's tokens side by side: choose concat, "
                            f"not {settings.combine}")
-    if settings.attn_mask is not None:
-        raise ValueError("masks are not supported for the InstantX SD3.5 adapter yet; disconnect attn_mask")
     if embeds.source != adapter.clip_input:
         raise AdapterMismatch(f"{adapter.name} reads SigLIP {adapter.clip_input} but the embeds hold {embeds.source}; "
                               "encode the references for this adapter")
     sd35 = SD35IPSettings(weight=settings.weight, start_percent=settings.start_percent, end_percent=settings.end_percent,
-                          blocks=settings.blocks, block_weights=settings.block_weights)
+                          blocks=settings.blocks, block_weights=settings.block_weights, attn_mask=settings.attn_mask,
+                          node=settings.node)
     return apply_sd35_ip_adapter(model_patcher, adapter, embeds.cond, sd35, negative=embeds.uncond)

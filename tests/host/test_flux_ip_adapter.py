@@ -1,6 +1,7 @@
 """The XLabs Flux IP-Adapter patch on core's Flux equals diffusers' FluxTransformer2DModel with
-FluxIPAdapterAttnProcessor on the same weights and per-layer scales; masks, stacking with other
-block replaces, patch hits and a clean next run.
+FluxIPAdapterAttnProcessor on the same weights and per-layer scales; masks (regional: two adapters,
+two masks), stacking with other block replaces and with other packs' attention overrides, patch
+hits and a clean next run.
 
 Tiny core Flux (hidden 128, 2 double + 2 single blocks), an XLabs-layout adapter file at small
 widths (context 48, CLIP width 24), fp32; the diffusers twin is loaded from the core model's
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from einops import rearrange
 
 from stylekit.dit_adapters.xlabs_flux import xlabs_flux_from_state_dict
 from stylekit.host.block_weights import CUSTOM
@@ -18,6 +18,7 @@ from stylekit.patching.flux_ip_adapter import (FluxIPSettings, apply_flux_ip_ada
 from stylekit.patching.ip_adapter import AdapterMismatch
 from stylekit.tests.fixtures.dit_ip_adapters import xlabs_flux_shapes
 from stylekit.tests.fixtures.random_weights import random_state_dict
+from stylekit.tests.host.dit_ip_support import flux_block_output, flux_diffusers_forward, flux_forward, loaded_twin
 from stylekit.tests.support.tiny_dits import TINY_FLUX, tiny_flux, tiny_mmdit
 
 HIDDEN, CONTEXT, CLIP, TOKENS, TEXT = TINY_FLUX["hidden_size"], 48, 24, 4, 6
@@ -40,57 +41,9 @@ def inputs():
                 y=torch.randn(1, TINY_FLUX["vec_in_dim"], generator=g), guidance=torch.tensor([3.5]))
 
 
-def core_forward(m, inputs) -> torch.Tensor:
-    options = {**m.model_options["transformer_options"], "wrappers": m.wrappers}
-    with torch.no_grad():
-        return m.model.diffusion_model(inputs["x"], inputs["t"], inputs["context"], y=inputs["y"],
-                                       guidance=inputs["guidance"], transformer_options=options)
-
-
 @pytest.fixture(scope="module")
 def twin(flux):
-    from stylekit.tests.support.diffusers_dit import diffusers_twin_and_key_map
-
-    model, key_map = diffusers_twin_and_key_map(flux)
-    sd = flux.model.diffusion_model.state_dict()
-    converted = {}
-    for key, source in key_map.items():
-        if isinstance(source, str):
-            source = (source, None)
-        name, narrow, *convert = source
-        if name not in sd:   # the map also names ControlNet-only keys
-            continue
-        value = sd[name] if narrow is None else sd[name].narrow(*narrow)
-        converted[key] = convert[0](value) if convert else value
-    model = model.to_empty(device="cpu")
-    model.load_state_dict(converted, strict=True)
-    return model.eval()
-
-
-def diffusers_forward(twin, inputs, adapters=(), scales=()) -> torch.Tensor:
-    """adapters: [(file, tokens [1, T, CONTEXT])]; scales: per adapter, one scale per double block."""
-    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, FluxIPAdapterAttnProcessor
-
-    for i, block in enumerate(twin.transformer_blocks):
-        if adapters:
-            proc = FluxIPAdapterAttnProcessor(HIDDEN, CONTEXT, num_tokens=(TOKENS,) * len(adapters),
-                                              scale=[s[i] for s in scales])
-            proc.load_state_dict({f"to_{kv}_ip.{j}.{p}": file[f"double_blocks.{i}.processor.ip_adapter_double_stream_{kv}_proj.{p}"]
-                                  for j, (file, _) in enumerate(adapters) for kv in "kv" for p in ("weight", "bias")})
-            block.attn.set_processor(proc)
-        else:
-            block.attn.set_processor(FluxAttnProcessor())
-    x = inputs["x"]
-    h, w = x.shape[-2] // 2, x.shape[-1] // 2
-    rows, cols = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij")
-    img_ids = torch.stack([torch.zeros(h * w), rows.flatten(), cols.flatten()], 1)
-    kwargs = {"ip_hidden_states": [tokens for _, tokens in adapters]} if adapters else None
-    with torch.no_grad():
-        out = twin(hidden_states=rearrange(x, "b c (h ph) (w pw) -> b (h w) (c ph pw)", ph=2, pw=2),
-                   encoder_hidden_states=inputs["context"], pooled_projections=inputs["y"], timestep=inputs["t"],
-                   img_ids=img_ids, txt_ids=torch.zeros(TEXT, 3), guidance=inputs["guidance"],
-                   joint_attention_kwargs=kwargs, return_dict=False)[0]
-    return rearrange(out, "b (h w) (c ph pw) -> b c (h ph) (w pw)", h=h, w=w, ph=2, pw=2)
+    return loaded_twin(flux)
 
 
 def embeds(seed: int, n: int = 1) -> torch.Tensor:
@@ -98,7 +51,7 @@ def embeds(seed: int, n: int = 1) -> torch.Tensor:
 
 
 def test_the_diffusers_twin_is_cores_flux_without_adapter(flux, twin, inputs):
-    ours, theirs = core_forward(flux, inputs), diffusers_forward(twin, inputs)
+    ours, theirs = flux_forward(flux, inputs), flux_diffusers_forward(twin, inputs)
     assert (ours - theirs).abs().max() < 1e-4 * theirs.abs().max()
 
 
@@ -112,14 +65,14 @@ def test_patched_flux_equals_diffusers_ip_adapter_with_the_same_per_layer_scales
     adapter = xlabs_flux_from_state_dict(file, "a")
     tokens = flux_image_tokens(adapter, embeds(14))
     m = apply_flux_ip_adapter(flux, adapter, tokens, FluxIPSettings(weight=0.8, blocks=blocks, block_weights=spec))
-    ours = core_forward(m, inputs)
-    theirs = diffusers_forward(twin, inputs, [(file, tokens.cond)], [scales])
-    plain = diffusers_forward(twin, inputs)
+    ours = flux_forward(m, inputs)
+    theirs = flux_diffusers_forward(twin, inputs, [(file, tokens.cond)], [scales])
+    plain = flux_diffusers_forward(twin, inputs)
     scale = theirs.abs().max()
     assert (ours - theirs).abs().max() < 1e-4 * scale
     assert (theirs - plain).abs().max() > 1e-2 * scale      # the adapter matters at this scale
     if scales[0] == 0:   # a selection shifted by one block is told apart
-        shifted = diffusers_forward(twin, inputs, [(file, tokens.cond)], [scales[::-1]])
+        shifted = flux_diffusers_forward(twin, inputs, [(file, tokens.cond)], [scales[::-1]])
         assert (ours - shifted).abs().max() > 1e-2 * scale
 
 
@@ -129,23 +82,10 @@ def test_two_stacked_adapters_equal_diffusers_with_two_adapters(flux, twin, inpu
     tokens = [flux_image_tokens(a, embeds(17 + i)) for i, a in enumerate(adapters)]
     m = apply_flux_ip_adapter(flux, adapters[0], tokens[0], FluxIPSettings(weight=0.7))
     m = apply_flux_ip_adapter(m, adapters[1], tokens[1], FluxIPSettings(weight=0.5, blocks=CUSTOM, block_weights=[1.0, 0.4]))
-    ours = core_forward(m, inputs)
-    theirs = diffusers_forward(twin, inputs, [(files[0], tokens[0].cond), (files[1], tokens[1].cond)],
+    ours = flux_forward(m, inputs)
+    theirs = flux_diffusers_forward(twin, inputs, [(files[0], tokens[0].cond), (files[1], tokens[1].cond)],
                                [[0.7, 0.7], [0.5, 0.2]])
     assert (ours - theirs).abs().max() < 1e-4 * theirs.abs().max()
-
-
-class Recorder:
-    """A block replace of 'another pack': records the image stream its block returns and counts calls."""
-
-    def __init__(self, previous=None):
-        self.previous, self.calls, self.img = previous, 0, None
-
-    def __call__(self, args, extra):
-        self.calls += 1
-        out = self.previous(args, extra) if self.previous is not None else extra["original_block"](args)
-        self.img = out["img"].clone()
-        return out
 
 
 def test_a_mask_keeps_outside_tokens_plain_and_inside_tokens_as_the_unmasked_adapter(flux, inputs):
@@ -153,26 +93,37 @@ def test_a_mask_keeps_outside_tokens_plain_and_inside_tokens_as_the_unmasked_ada
     tokens = flux_image_tokens(adapter, embeds(19))
     mask = torch.zeros(1, 64, 64)
     mask[:, :, :32] = 1.0   # left half of the image: token columns 0-1 of the 4x4 grid
-    outputs = {}
-    for name, settings in {"plain": None, "full": FluxIPSettings(blocks=CUSTOM, block_weights="double 1"),
-                           "masked": FluxIPSettings(blocks=CUSTOM, block_weights="double 1", attn_mask=mask)}.items():
-        m = flux if settings is None else apply_flux_ip_adapter(flux, adapter, tokens, settings)
-        m = m.clone()
-        previous = m.model_options["transformer_options"].get("patches_replace", {}).get("dit", {}).get(("double_block", 1))
-        recorder = Recorder(previous)
-        m.set_model_patch_replace(recorder, "dit", "double_block", 1)
-        core_forward(m, inputs)
-        outputs[name] = recorder.img
+    last = dict(blocks=CUSTOM, block_weights="double 1")
+    plain = flux_block_output(flux, inputs, 1)
+    full = flux_block_output(apply_flux_ip_adapter(flux, adapter, tokens, FluxIPSettings(**last)), inputs, 1)
+    masked = flux_block_output(apply_flux_ip_adapter(flux, adapter, tokens, FluxIPSettings(**last, attn_mask=mask)), inputs, 1)
     inside = (torch.arange(16) % 4) < 2
-    plain, full, masked = (outputs[k] for k in ("plain", "full", "masked"))
     scale = full.abs().max()
     assert (masked[:, ~inside] - plain[:, ~inside]).abs().max() < 1e-5 * scale
     assert (masked[:, inside] - full[:, inside]).abs().max() < 1e-5 * scale
     assert (full[:, inside] - plain[:, inside]).abs().max() > 1e-2 * scale
 
 
+def test_two_adapters_with_two_masks_each_give_their_region_as_alone(flux, inputs):
+    adapters = [xlabs_flux_from_state_dict(adapter_file(27 + i), f"a{i}") for i in range(2)]
+    tokens = [flux_image_tokens(a, embeds(29 + i)) for i, a in enumerate(adapters)]
+    left = torch.zeros(1, 64, 64)
+    left[:, :, :32] = 1.0
+    last = dict(blocks=CUSTOM, block_weights="double 1")
+    alone = [flux_block_output(apply_flux_ip_adapter(flux, a, t, FluxIPSettings(**last)), inputs, 1)
+             for a, t in zip(adapters, tokens)]
+    m = apply_flux_ip_adapter(flux, adapters[0], tokens[0], FluxIPSettings(**last, attn_mask=left))
+    m = apply_flux_ip_adapter(m, adapters[1], tokens[1], FluxIPSettings(**last, attn_mask=1.0 - left))
+    regional = flux_block_output(m, inputs, 1)
+    inside = (torch.arange(16) % 4) < 2
+    scale = regional.abs().max()
+    assert (regional[:, inside] - alone[0][:, inside]).abs().max() < 1e-5 * scale
+    assert (regional[:, ~inside] - alone[1][:, ~inside]).abs().max() < 1e-5 * scale
+    assert (alone[0] - alone[1]).abs().max() > 1e-2 * scale   # the two references differ at this scale
+
+
 def test_every_patch_is_hit_once_over_another_packs_replace_and_the_next_plain_run_is_identical(flux, inputs):
-    before = core_forward(flux, inputs)
+    before = flux_forward(flux, inputs)
     base = flux.clone()
     calls = {i: 0 for i in range(TINY_FLUX["depth"])}
 
@@ -190,11 +141,52 @@ def test_every_patch_is_hit_once_over_another_packs_replace_and_the_next_plain_r
         m = apply_flux_ip_adapter(m, a, flux_image_tokens(a, embeds(22)), FluxIPSettings(weight=0.6))
     replaces = m.model_options["transformer_options"]["patches_replace"]["dit"]
     assert sorted(replaces) == [("double_block", 0), ("double_block", 1)]
-    patched = core_forward(m, inputs)
+    patched = flux_forward(m, inputs)
     assert calls == {0: 1, 1: 1}   # each chain ran down to the other pack's replace once
     assert (patched - before).abs().max() > 1e-3 * before.abs().max()
     assert "patches_replace" not in flux.model_options["transformer_options"]
-    assert torch.equal(core_forward(flux, inputs), before)
+    assert torch.equal(flux_forward(flux, inputs), before)
+
+
+def test_other_packs_attention_overrides_set_before_and_after_ours_both_run_chained(flux, twin, inputs, monkeypatch):
+    # The one optimized_attention_override slot (DESIGN §6): a pack that set it before our adapter and one
+    # that chains onto it after both run, on core's joint attention and on our image attention alike.
+    import diffusers.models.transformers.transformer_flux as diffusers_flux
+
+    temperature, gain = 1.3, 0.8
+    calls = {"before": 0, "after": 0}
+
+    def pack_before(func, *args, **kwargs):   # sharpens every query
+        calls["before"] += 1
+        return func(args[0] * temperature, *args[1:], **kwargs)
+
+    base = flux.clone()
+    base.model_options["transformer_options"]["optimized_attention_override"] = pack_before
+    file = adapter_file(31)
+    adapter = xlabs_flux_from_state_dict(file, "a")
+    tokens = flux_image_tokens(adapter, embeds(32))
+    m = apply_flux_ip_adapter(base, adapter, tokens, FluxIPSettings(weight=0.8))
+    below = m.model_options["transformer_options"]["optimized_attention_override"]
+    assert below is pack_before   # ours did not take the slot
+
+    def pack_after(func, *args, **kwargs):    # scales every attention output, chained onto the slot's holder
+        calls["after"] += 1
+        return gain * below(func, *args, **kwargs)
+
+    m.model_options["transformer_options"]["optimized_attention_override"] = pack_after
+    ours = flux_forward(m, inputs)
+    attention_calls = 2 * TINY_FLUX["depth"] + TINY_FLUX["depth_single_blocks"]   # joint + ours per double, single
+    assert calls == {"before": attention_calls, "after": attention_calls}
+
+    dispatch = diffusers_flux.dispatch_attention_fn
+    monkeypatch.setattr(diffusers_flux, "dispatch_attention_fn",
+                        lambda query, *args, **kwargs: gain * dispatch(query * temperature, *args, **kwargs))
+    theirs = flux_diffusers_forward(twin, inputs, [(file, tokens.cond)], [[0.8, 0.8]])
+    monkeypatch.undo()
+    scale = theirs.abs().max()
+    assert (ours - theirs).abs().max() < 1e-4 * scale
+    without_overrides = flux_forward(apply_flux_ip_adapter(flux, adapter, tokens, FluxIPSettings(weight=0.8)), inputs)
+    assert (ours - without_overrides).abs().max() > 1e-2 * scale
 
 
 def test_a_flux_adapter_on_sd3_and_mismatched_vision_features_are_refused(flux):

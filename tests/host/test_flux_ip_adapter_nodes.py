@@ -86,7 +86,7 @@ def test_a_vit_h_vision_model_for_the_vit_l_flux_adapter_names_clip_vision(comfy
                                   image=torch.rand(1, 64, 64, 3), **INJECTION)
 
 
-def test_apply_embeds_patches_sd35_joint_blocks_and_refuses_a_mask(comfy_host):
+def test_apply_embeds_patches_sd35_joint_blocks_with_or_without_a_mask(comfy_host):
     from stylekit.dit_adapters.files import dit_adapter_from_state_dict
     from stylekit.ip_adapter.model import PENULTIMATE
     from stylekit.tests.fixtures.dit_ip_adapters import instantx_sd35_shapes
@@ -98,9 +98,10 @@ def test_apply_embeds_patches_sd35_joint_blocks_and_refuses_a_mask(comfy_host):
     sd35 = tiny_mmdit(seed=2)
     (m,) = StyleKitIPAdapterApplyEmbeds.execute(model=sd35, ipadapter=adapter, embeds=embeds, **INJECTION).args
     assert sorted(m.model_options["transformer_options"]["patches_replace"]["dit"]) == [("double_block", 0), ("double_block", 1)]
-    with pytest.raises(ValueError, match=r"^StyleKit IP-Adapter Apply Embeds: input 'attn_mask': masks are not supported"):
-        StyleKitIPAdapterApplyEmbeds.execute(model=sd35, ipadapter=adapter, embeds=embeds, attn_mask=torch.ones(8, 8),
-                                             **INJECTION)
+    (masked,) = StyleKitIPAdapterApplyEmbeds.execute(model=sd35, ipadapter=adapter, embeds=embeds,
+                                                     attn_mask=torch.ones(8, 8), **INJECTION).args
+    patch = masked.model_options["transformer_options"]["patches_replace"]["dit"][("double_block", 1)]
+    assert patch.mask is not None and patch.mask.mask.shape == (1, 8, 8)
     with pytest.raises(ValueError, match=r"^StyleKit IP-Adapter Apply Embeds: input 'ipadapter': ip-adapter.bin is an "
                                          r"InstantX SD3.5-Large IP-Adapter but the model is not an SD3"):
         StyleKitIPAdapterApplyEmbeds.execute(model=tiny_flux(seed=1), ipadapter=adapter, embeds=embeds, **INJECTION)

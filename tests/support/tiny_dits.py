@@ -18,12 +18,15 @@ TINY_FLUX = dict(image_model="flux", in_channels=16, out_channels=16, vec_in_dim
                  axes_dim=[16, 24, 24], theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True)
 
 
-def tiny_mmdit_config(depth: int = 2, qk_norm: str | None = "rms", x_block_self_attn_layers=()) -> dict:
-    """An SD3-family config; x_block_self_attn_layers adds SD3.5-Medium's image self-attention."""
+def tiny_mmdit_config(depth: int = 2, qk_norm: str | None = "rms", x_block_self_attn_layers=(),
+                      pos_embed_max_size: int = 16) -> dict:
+    """An SD3-family config; x_block_self_attn_layers adds SD3.5-Medium's image self-attention;
+    pos_embed_max_size caps the latent side at twice it (16: 256 px; 64: 1024 px)."""
     return dict(input_size=None, patch_size=2, in_channels=16, out_channels=16, depth=depth, adm_in_channels=32,
                 context_embedder_config={"target": "torch.nn.Linear",
                                          "params": {"in_features": 64, "out_features": 64 * depth}},
-                pos_embed_max_size=16, num_patches=16 * 16, qk_norm=qk_norm, pos_embed_scaling_factor=None,
+                pos_embed_max_size=pos_embed_max_size, num_patches=pos_embed_max_size ** 2, qk_norm=qk_norm,
+                pos_embed_scaling_factor=None,
                 x_block_self_attn_layers=list(x_block_self_attn_layers))
 
 

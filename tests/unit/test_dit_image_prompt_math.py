@@ -186,3 +186,19 @@ def test_sd3_mask_zero_outside_and_weight_zero_is_none():
 def test_rms_norm_matches_torch():
     x, w = torch.randn(3, 5, 16), torch.randn(16)
     torch.testing.assert_close(rms_norm(x, w, 1e-6), F.rms_norm(x, (16,), w, 1e-6), atol=1e-6, rtol=0)
+
+
+def test_the_split_heads_flux_term_equals_the_merged_one_with_weight_and_mask():
+    from stylekit.attention.dit_image_prompt import flux_ip_attention_split
+
+    g = torch.Generator().manual_seed(9)
+    q = torch.randn(2, HEADS, IMAGE, DIM_HEAD, generator=g)
+    k, v = torch.randn(2, 5, HIDDEN, generator=g), torch.randn(2, 5, HIDDEN, generator=g)
+    mask = (torch.arange(IMAGE) % 2).float()[None, :, None]
+    split = lambda t: t.unflatten(-1, (HEADS, DIM_HEAD)).transpose(1, 2)
+    split_kernel = lambda q, k, v: merge_heads(F.scaled_dot_product_attention(q, k, v))
+    ours = flux_ip_attention_split(q, split(k), split(v), 0.7, split_kernel, mask)
+    merged = flux_ip_attention(q, [ImageKV(k, v, 0.7, mask)], kernel)
+    assert ours.shape == (2, IMAGE, HIDDEN) and torch.allclose(ours, merged, atol=1e-6)
+    assert ours[:, ::2].abs().max() == 0 and ours[:, 1::2].abs().max() > 1e-2
+    assert flux_ip_attention_split(q, split(k), split(v), 0.0, split_kernel) is None
