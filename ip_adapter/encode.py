@@ -112,9 +112,10 @@ def _encode(clip_vision, images: torch.Tensor, source: str, crop: bool) -> torch
 
 @torch.no_grad()  # inference only; with autograd on, core's fp16->fp32 weight casts stay alive (GBs)
 def encode_images(clip_vision, images: torch.Tensor, source: str, negative_images: torch.Tensor | None = None,
-                  crop: bool = True) -> ImageEmbeds:
+                  crop: bool = True, zero_uncond: bool = False) -> ImageEmbeds:
     """CLIP vision features of a batch of reference images (IMAGE [N, H, W, 3]) for an adapter that
-    reads `source`, with the reference-implementation uncond, or the negative images' features."""
+    reads `source`, with the reference-implementation uncond, or the negative images' features.
+    `zero_uncond`: zero features whatever the source (InstantX SD3.5's uncond), so no zero image is encoded."""
     if source not in (IMAGE_EMBEDS, PENULTIMATE):
         raise ValueError(f"unknown CLIP vision output {source!r}")
     cond = _encode(clip_vision, images, source, crop)
@@ -123,7 +124,7 @@ def encode_images(clip_vision, images: torch.Tensor, source: str, negative_image
             raise ValueError(f"{negative_images.shape[0]} negative images for {cond.shape[0]} reference images: "
                              "give one negative image, or one per reference image")
         uncond = _encode(clip_vision, negative_images, source, crop).expand_as(cond)
-    elif source == IMAGE_EMBEDS:
+    elif source == IMAGE_EMBEDS or zero_uncond:
         uncond = torch.zeros_like(cond)
     else:
         uncond = _zero_image_features(clip_vision, cond.shape[0])

@@ -50,19 +50,14 @@ def _inject(node: str, model, ipadapter, embeds, settings: IPAdapterSettings, ap
         raise node_error(node, "combine", err) from err
 
 
-def _dit_uncond(ipadapter, embeds: ImageEmbeds, negative_image) -> ImageEmbeds:
-    """InstantX SD3.5's uncond is zero features (diffusers), not a zero image's, unless a negative is given."""
-    if negative_image is None and isinstance(ipadapter, InstantXSD35Adapter):
-        return ImageEmbeds(embeds.cond, torch.zeros_like(embeds.cond), embeds.source)
-    return embeds
-
-
-def _negative_for(ipadapter, image, negative_image):
-    """The XLabs Flux adapter's uncond is a black image's embedding (diffusers' Flux pipeline);
-    other adapters keep their reference uncond (zeros / zero image) unless a negative is given."""
+def _encode_for(ipadapter, clip_vision, image, negative_image, crop: bool = True) -> ImageEmbeds:
+    """The reference images' embeds with the uncond of the adapter's reference pipeline unless a negative
+    image is given: zero features for InstantX SD3.5 (diffusers; no zero image is encoded), a black
+    image's embedding for XLabs Flux (diffusers' Flux pipeline), zeros / a zero image for the others."""
     if negative_image is None and isinstance(ipadapter, XLabsFluxAdapter):
-        return torch.zeros_like(image[:1])
-    return negative_image
+        negative_image = torch.zeros_like(image[:1])
+    return encode_images(clip_vision, image, ipadapter.clip_input, negative_image, crop=crop,
+                         zero_uncond=negative_image is None and isinstance(ipadapter, InstantXSD35Adapter))
 
 
 def _mask_frames(mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -184,9 +179,7 @@ class StyleKitIPAdapterEncode(io.ComfyNode):
         except ClipVisionMismatch as err:
             raise node_error(node, "clip_vision", err) from err
         try:
-            embeds = encode_images(clip_vision, image, ipadapter.clip_input,
-                                   _negative_for(ipadapter, image, negative_image), crop=crop == "center")
-            embeds = _dit_uncond(ipadapter, embeds, negative_image)
+            embeds = _encode_for(ipadapter, clip_vision, image, negative_image, crop=crop == "center")
         except ValueError as err:
             raise node_error(node, "negative_image", err) from err
         return io.NodeOutput(embeds)
@@ -250,8 +243,7 @@ class StyleKitIPAdapter(io.ComfyNode):
         except ClipVisionMismatch as err:
             raise node_error(node, "clip_vision", err) from err
         try:
-            embeds = encode_images(clip_vision, image, ipadapter.clip_input, _negative_for(ipadapter, image, negative_image))
-            embeds = _dit_uncond(ipadapter, embeds, negative_image)
+            embeds = _encode_for(ipadapter, clip_vision, image, negative_image)
         except ValueError as err:
             raise node_error(node, "negative_image", err) from err
         return io.NodeOutput(_inject(node, model, ipadapter, embeds, settings))

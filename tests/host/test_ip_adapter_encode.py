@@ -63,6 +63,18 @@ def test_a_negative_image_replaces_the_unconditional_reference(vit_h):
         encode_images(vit_h, _images(2), IMAGE_EMBEDS, negative_images=_images(3))
 
 
+def test_zero_uncond_is_zero_features_and_the_tower_runs_for_the_references_only(vit_h, monkeypatch):
+    # InstantX SD3.5's uncond (diffusers): zero features, so no zero image is encoded for it.
+    calls = []
+    forward = vit_h.model.forward
+    monkeypatch.setattr(vit_h.model, "forward", lambda *a, **k: (calls.append(1), forward(*a, **k))[1])
+    embeds = encode_images(vit_h, _images(2), PENULTIMATE, zero_uncond=True)
+    assert len(calls) == 1 and torch.equal(embeds.uncond, torch.zeros_like(embeds.cond))
+    calls.clear()
+    encode_images(vit_h, _images(2), PENULTIMATE)
+    assert len(calls) == 2  # the reference uncond of plus adapters: one zero image encoded
+
+
 def test_several_references_concat_their_tokens_or_average_their_features(comfy_host):
     adapter = load_ip_adapter("ip-adapter-plus_sd15.safetensors")
     g = torch.Generator().manual_seed(0)
