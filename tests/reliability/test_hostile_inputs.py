@@ -17,7 +17,7 @@ from stylekit.tests.support.paths import BASE_DIR
 from stylekit.tests.support.server import PromptFailed, PromptRejected, ServerError
 
 from . import prompts as p
-from .conftest import OUTCOMES
+from .conftest import OUTCOMES, REFUSAL_SECONDS
 
 ERROR, RUNS = "node error", "ran"
 # Whole-prompt bounds (Case.seconds, RSS_GROWTH_MB). Core caches only the last prompt's outputs, so a refused prompt may first
@@ -214,6 +214,7 @@ def test_hostile_input_is_refused_fast_writes_nothing_and_the_server_keeps_servi
     growth = _rss_mb(server) - rss_before
     new_files = {k for k in _files(LORAS)} - set(loras_before)
     if case.outcome == ERROR:
+        REFUSAL_SECONDS.append((case.name, elapsed))
         assert growth < RSS_GROWTH_MB, f"server RSS grew {growth:.0f} MB on a refused prompt"
         assert elapsed < case.seconds, f"refused after {elapsed:.2f} s"
         assert not new_files, f"a refused prompt wrote {new_files}"
