@@ -8,12 +8,13 @@ import re
 from stylekit.scripts.model_table import load_table, workflow_models
 from stylekit.tests.support.workflows import WORKFLOWS
 
-from .conftest import SCREENSHOTS
+from .conftest import SCREENSHOTS, skip_unless_pinned_frontend
 
 NAME = "ip_adapter_sd15"
 
 
 def test_a_workflow_on_a_server_without_its_models_offers_each_file_for_download(browser, server):
+    skip_unless_pinned_frontend()
     page = browser.new_page(viewport={"width": 1600, "height": 1000})
     outside: list[str] = []
     try:
