@@ -25,11 +25,13 @@ test: fixtures
 # The compatibility run on another ComfyUI core (e.g. HOST=../shared/hosts/comfyui-0.33.0.tar.gz):
 # a second venv with that core's own requirements and the torch of requirements/hosts/<name>.txt,
 # then the host, server and frontend layers on it (fixtures are shared with the pinned run).
+# HOST, HOST_LAYERS and PYTEST_ARGS reach scripts/test_host.py in the environment, not through the
+# shell's command line: it splits them into words as a shell would (quotes group) and runs nothing in them.
+test-host: export HOST := $(HOST)
+test-host: export HOST_LAYERS := $(HOST_LAYERS)
+test-host: export PYTEST_ARGS := $(PYTEST_ARGS)
 test-host: fixtures
-	@test -n "$(HOST)" || { echo "usage: make test-host HOST=../shared/hosts/comfyui-0.33.0.tar.gz"; exit 2; }
-	@set -e; out=$$($(PYTHON) scripts/host_venv.py "$(HOST)"); host=$$(echo "$$out" | sed -n 1p); \
-	  venv=$$(echo "$$out" | sed -n 2p); \
-	  COMFYUI_PATH="$$host" STYLEKIT_VENV="$$venv" "$$venv/bin/pytest" $(HOST_LAYERS) $(PYTEST_ARGS)
+	@$(PYTHON) scripts/test_host.py
 
 demo: setup
 	@$(VPY) scripts/demo.py $(if $(filter command line environment,$(origin PORT)),--port $(PORT))

@@ -77,11 +77,17 @@ def split_entries(text: str) -> list[str]:
     return [part.strip() for part in _SEPARATORS.split(text) if part.strip()]
 
 
-def parse_block_list(bm: BlockMap, text: str | Iterable[str]) -> list[AttentionSite]:
-    """The sites a block list names, each once, in the order first named; empty lists are refused."""
-    if isinstance(text, str) and len(text) > MAX_LIST_CHARS:
+def check_list_length(text: str) -> None:
+    """The bound on a block list's text, checked before it is split (no model needed)."""
+    if len(text) > MAX_LIST_CHARS:
         raise BlockNameError(f"the block list is {len(text)} characters long, beyond the limit of {MAX_LIST_CHARS}; "
                              "name blocks such as 'output 3, output 4'")
+
+
+def parse_block_list(bm: BlockMap, text: str | Iterable[str]) -> list[AttentionSite]:
+    """The sites a block list names, each once, in the order first named; empty lists are refused."""
+    if isinstance(text, str):
+        check_list_length(text)
     entries = split_entries(text) if isinstance(text, str) else [str(e) for e in text]
     chosen: dict[tuple, AttentionSite] = {}
     for entry in entries:

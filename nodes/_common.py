@@ -1,5 +1,6 @@
 """Names, types and input checks every node module shares."""
 import functools
+import inspect
 import math
 
 import torch
@@ -108,17 +109,19 @@ def _check_batch(node: str, input_name: str, tensor, what: str, fix: str) -> Non
 
 
 def check_finite_floats(node: str, floats: dict, inputs: dict) -> None:
-    """Refuse NaN (JSON lets it through core's min/max checks) in any FLOAT input, naming it."""
+    """Refuse NaN (JSON lets it through core's min/max checks) and inf in any FLOAT input, naming it."""
     for name, spec in floats.items():
         value = inputs.get(name)
         if isinstance(value, float) and not math.isfinite(value):
             bounds = f"from {spec.min} to {spec.max}" if spec.min is not None and spec.max is not None else "a finite number"
-            raise node_error(node, name, f"{value} is not a number; give a number {bounds}")
+            what = "not a number" if math.isnan(value) else "not a finite number"
+            raise node_error(node, name, f"{value} is {what}; give a number {bounds}")
 
 
 def guard_inputs(node_cls: type[io.ComfyNode]) -> type[io.ComfyNode]:
     """Wrap the node's execute so that every FLOAT input is checked by check_finite_floats before
-    any work, and the error names this node (not the one a NaN would surface in later).
+    any work, and the error names this node (not the one a NaN would surface in later); and give
+    the node a validate_inputs (literal_validator) so that literal inputs are refused at /prompt.
     Idempotent; nodes/__init__.py applies it to every node of the pack."""
     if getattr(node_cls, "_stylekit_guarded", False):
         return node_cls
@@ -132,8 +135,80 @@ def guard_inputs(node_cls: type[io.ComfyNode]) -> type[io.ComfyNode]:
         return func(cls, *args, **kwargs)
 
     node_cls.execute = classmethod(execute)
+    node_cls.validate_inputs = literal_validator(node_cls, schema)
     node_cls._stylekit_guarded = True
     return node_cls
+
+
+# -- Refusal at /prompt, before anything runs ------------------------------------------------------
+# Core calls a V3 node's validate_inputs while validating the prompt (execution.validate_inputs, on
+# 0.3.75 and 0.33 alike), before any node of the prompt executes: a refusal there costs no model
+# load. What core passes and skips is decided by the method's signature:
+#   - only the inputs named in it are passed; a linked input arrives as None (its value does not
+#     exist yet), an input the prompt leaves out does not arrive at all;
+#   - core skips its own min/max (and combo) checks for every input named in it, and for all
+#     inputs if the method takes **kwargs; so the validator names only what it checks and redoes
+#     those checks itself (check_literal_value);
+#   - a returned string fails validation; core reports it once per named input
+#     ("Custom validation failed for node: <input> - <text>"), the text being our node_error.
+# The node's own checks in execute stay: they cover linked values, which exist only then.
+
+
+def check_literal_value(node: str, spec, value) -> None:
+    """What core would check of a literal input named in validate_inputs (its range, its
+    options), and NaN / inf in a FLOAT, with the pack's error form."""
+    if isinstance(spec, io.Float.Input):
+        check_finite_floats(node, {spec.id: spec}, {spec.id: value})
+    if isinstance(spec, (io.Float.Input, io.Int.Input)):
+        bounds = f"give a number from {spec.min} to {spec.max}"
+        if spec.min is not None and value < spec.min:
+            raise node_error(node, spec.id, f"{value} is below the minimum of {spec.min}; {bounds}")
+        if spec.max is not None and value > spec.max:
+            raise node_error(node, spec.id, f"{value} is above the maximum of {spec.max}; {bounds}")
+    if isinstance(spec, io.Combo.Input) and spec.options is not None and value not in spec.options:
+        shown = ", ".join(map(str, spec.options[:12])) + (", ..." if len(spec.options) > 12 else "")
+        raise node_error(node, spec.id, f"{echo(str(value))} is not one of its options; choose one of {shown}")
+
+
+def literal_validator(node_cls: type[io.ComfyNode], schema: io.Schema) -> classmethod:
+    """The node's validate_inputs: every FLOAT input (NaN, inf, range), then the node's own checks
+    of literal values (nodes/_literal_checks.py: text lengths, block grammar, counts, names), each
+    raising the same node_error that execute would. A validate_inputs the node defines itself
+    runs after these, with the inputs its signature asks for."""
+    from ._literal_checks import literal_checks
+
+    node = schema.display_name or schema.node_id
+    specs = {i.id: i for i in schema.inputs}
+    names, check = literal_checks(node_cls, schema)
+    named = [i for i in specs if isinstance(specs[i], io.Float.Input) or i in names]
+    own = node_cls.__dict__.get("validate_inputs")
+    own_func = own.__func__ if isinstance(own, classmethod) else None
+    own_spec = inspect.getfullargspec(own_func) if own_func else None
+    if own_spec:
+        named += [a for a in own_spec.args[1:] if a not in named]
+
+    def validate_inputs(cls, **inputs):
+        literal = {k: v for k, v in inputs.items() if v is not None and k in specs}
+        try:
+            for name in (specs if own_spec and own_spec.varkw else named):
+                if name in literal and name in specs:
+                    check_literal_value(node, specs[name], literal[name])
+            if check is not None:
+                check(node, literal)
+        except ValueError as err:
+            return str(err)
+        if own_func is None:
+            return True
+        wanted = inputs if own_spec.varkw else {k: v for k, v in inputs.items() if k in own_spec.args}
+        return own_func(cls, **wanted)
+
+    params = [inspect.Parameter("cls", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    params += [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None) for n in named]
+    if own_spec and own_spec.varkw:
+        params.append(inspect.Parameter(own_spec.varkw, inspect.Parameter.VAR_KEYWORD))
+    validate_inputs.__signature__ = inspect.Signature(params)
+    validate_inputs.__qualname__ = f"{node_cls.__name__}.validate_inputs"
+    return classmethod(validate_inputs)
 
 
 def check_count(node: str, input_name: str, count: int, limit: int, what: str, fix: str) -> None:

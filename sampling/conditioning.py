@@ -96,9 +96,9 @@ def _chunks(tokens: dict) -> int:
     return max(len(v) for v in tokens.values()) if isinstance(tokens, dict) and tokens else 1
 
 
-def encode_lines(clip, text: str) -> list:
-    """One prompt per non-empty line of `text`, encoded with `clip`, stacked into per-row conditioning.
-    Bounds (text length, lines, padded length) are checked on the tokens, before any encoding."""
+def prompt_lines(text: str) -> list[str]:
+    """The non-empty lines of `text`, stripped; the bounds that need no tokenizer (text length,
+    line count) are checked first."""
     if len(text) > MAX_TEXT_CHARS:
         raise ValueError(f"input 'text' is {len(text)} characters long, beyond the limit of {MAX_TEXT_CHARS}; "
                          "shorten it")
@@ -108,6 +108,13 @@ def encode_lines(clip, text: str) -> list:
     if len(prompts) > MAX_LINES:
         raise ValueError(f"input 'text' holds {len(prompts)} prompt lines, beyond the limit of {MAX_LINES}; "
                          "split them over several prompts")
+    return prompts
+
+
+def encode_lines(clip, text: str) -> list:
+    """One prompt per non-empty line of `text`, encoded with `clip`, stacked into per-row conditioning.
+    Bounds (text length, lines, padded length) are checked on the tokens, before any encoding."""
+    prompts = prompt_lines(text)
     tokenized = [clip.tokenize(prompt) for prompt in prompts]
     try:
         padded_length([77 * _chunks(tokens) for tokens in tokenized])

@@ -16,6 +16,17 @@ CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-q
 SCREENSHOTS = WORK / "frontend"
 
 
+def skip_unless_pinned_frontend() -> None:
+    """For tests that read the pinned core's frontend dialogs. Core 0.33 ships frontend 1.49.6,
+    which reports missing nodes and models in a new panel (missing-model-resolution), not in
+    these dialogs; those tests are not written for it yet (measured: the rest of this layer passes)."""
+    from stylekit.tests.support.paths import PINNED_CORE, host_version
+
+    if host_version() != PINNED_CORE:
+        pytest.skip(f"reads the missing-nodes/models dialogs of core {PINNED_CORE}'s frontend; "
+                    f"core {host_version()}'s frontend shows them in another panel")
+
+
 @pytest.fixture(scope="session")
 def browser():
     if CHROMIUM is None:

@@ -10,7 +10,7 @@ import pytest
 from stylekit.scripts.model_table import load_table, workflow_models
 from stylekit.tests.support.workflows import WORKFLOWS
 
-from .conftest import SCREENSHOTS
+from .conftest import SCREENSHOTS, skip_unless_pinned_frontend
 
 # Files each workflow loads, counted by hand: SD1.5 checkpoint, adapter, ViT-H; Flux transformer,
 # T5-XXL + CLIP-L (one DualCLIPLoader node, two widgets), VAE, XLabs adapter, CLIP ViT-L.
@@ -19,6 +19,7 @@ FILE_COUNTS = {"ip_adapter_sd15": 3, "ip_adapter_flux": 6}
 
 @pytest.mark.parametrize("name", sorted(FILE_COUNTS))
 def test_a_workflow_on_a_server_without_its_models_offers_each_file_for_download(browser, server, name):
+    skip_unless_pinned_frontend()
     page = browser.new_page(viewport={"width": 1600, "height": 1000})
     outside: list[str] = []
     try:

@@ -14,6 +14,7 @@ from stylekit.tests.fixtures.registry import CLIP_VISION_VIT_H, CSD_CHECKPOINT, 
 from stylekit.tests.support.paths import BASE_DIR
 
 OUTCOMES: list[tuple[str, str, str]] = []   # (case, outcome, message) for the summary
+REFUSAL_SECONDS: list[tuple[str, float]] = []   # (case, whole-prompt seconds) of each refused hostile case
 
 
 def _truncated(source, target) -> None:
@@ -78,3 +79,5 @@ def pytest_terminal_summary(terminalreporter):
     ran = sum(outcome == "ran" for _, outcome, _ in OUTCOMES)
     terminalreporter.write_sep("-", f"reliability: {len(OUTCOMES)} bad inputs tried: {errors} clear node errors, "
                                     f"{ran} ran fine, {crashes} crashes")
+    for case, seconds in REFUSAL_SECONDS:
+        terminalreporter.write_line(f"refused in {seconds:6.2f} s: {case}")

@@ -3,6 +3,7 @@ node and the input at fault (in /prompt's node_errors or /history's execution_er
 the input is unusual but valid, run; the server must keep serving after every one."""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -12,9 +13,12 @@ from stylekit.tests.fixtures.registry import SDXL_CHECKPOINT
 from stylekit.tests.support.server import PromptFailed, PromptRejected, ServerError
 
 from . import prompts as p
-from .conftest import OUTCOMES
+from .conftest import OUTCOMES, REFUSAL_SECONDS
 
 ERROR, RUNS = "node error", "ran"
+# A literal input (typed into the prompt, not linked) that core or the node's validate_inputs
+# refuses is refused at /prompt before anything runs: within a second, the whole request.
+LITERAL = 1.0
 
 
 @dataclass
@@ -24,6 +28,7 @@ class Case:
     outcome: str = ERROR
     says: tuple[str, ...] = ()      # every one of these must appear in the error (node, input, cause)
     tags: list[str] = field(default_factory=list)
+    seconds: float | None = None    # LITERAL: refused at /prompt, bounded in time; None: refused when it runs
 
 
 def _ip(**kw):
@@ -156,7 +161,7 @@ CORPUS = [
     Case("ipadapter: a LoRA file", _ip(adapter="stylekit_bad_lora.safetensors"),
          says=(LOADER, "ipadapter_file", "not an IP-Adapter")),
     Case("ipadapter: file not in the folder", _ip(adapter="missing.safetensors"),
-         says=("StyleKitIPAdapterLoader", "ipadapter_file")),
+         says=("StyleKitIPAdapterLoader", "ipadapter_file"), seconds=LITERAL),
     Case("clip vision: truncated safetensors", _ip(clip_vision="stylekit_bad_truncated.safetensors"),
          says=("CLIPVisionLoader",)),
     Case("checkpoint: an IP-Adapter file as checkpoint",
@@ -182,7 +187,8 @@ CORPUS = [
          says=("VAEDecode",)),
     Case("latent: a batch of 0 into DDIM inversion", _inversion_of(["50", 0], _loaded_latent("stylekit_empty.latent")),
          says=("StyleKit DDIM Inversion", "latent_image", "empty")),
-    Case("prompt batch: no prompt lines", _prompt_batch("\n  \n"), says=("StyleKit Prompt Batch", "text")),
+    Case("prompt batch: no prompt lines", _prompt_batch("\n  \n"), says=("StyleKit Prompt Batch", "text"),
+         seconds=LITERAL),
     # Extreme sizes.
     Case("image: 1x1 reference", _ip(image="stylekit_1x1.png"), outcome=RUNS),
     Case("image: 4096x64 reference", _ip(image="stylekit_4096x64.png"), outcome=RUNS),
@@ -190,7 +196,7 @@ CORPUS = [
     Case("image: 1x1 content into DDIM inversion", _inversion_of(["53", 0], _image_latent("stylekit_1x1.png")),
          says=("VAEEncode",)),
     Case("advanced: frame weights that are not numbers", _controls("StyleKitIPAdapterAdvanced", frame_weights="1, x"),
-         says=("StyleKit IP-Adapter Advanced", "frame_weights")),
+         says=("StyleKit IP-Adapter Advanced", "frame_weights"), seconds=LITERAL),
     Case("advanced: more frame weights than latents, unfolded", _controls(
         "StyleKitIPAdapterAdvanced", frame_weights="1, 0.5, 0.2", unfold_batch=True, embeds_scaling="K+V"), outcome=RUNS),
     Case("tiled: 4096x64 reference on a square latent", _controls("StyleKitIPAdapterTiled", image="stylekit_4096x64.png",
@@ -207,7 +213,7 @@ CORPUS = [
          says=("StyleKit Visual Style Prompting", "reference_latent")),
     # Invalid block strings.
     Case("block_weights: unreadable dict", _ip(blocks="custom (block_weights)", block_weights="{'down': {'block_2': [0.0,"),
-         says=(IPA, "block_weights")),
+         says=(IPA, "block_weights"), seconds=LITERAL),
     Case("block_weights: a block the model lacks", _ip(blocks="custom (block_weights)", block_weights='{"output 42": 1.0}'),
          says=(IPA, "block_weights", "output 42")),
     Case("block_weights: weights without the custom preset", _ip(block_weights='{"output 1": 1.0}'),
@@ -227,7 +233,7 @@ CORPUS = [
     Case("styleadapter: NaN reference", _decoded_into("stylekit_nan.latent", lambda: p.with_style_adapter(seed=1), "16"),
          says=("StyleKit StyleAdapter", "image", "NaN")),
     Case("styleadapter: shuffle grid 0", lambda: p.with_style_adapter(seed=1, shuffle_grid=0),
-         says=("StyleKitStyleAdapter", "shuffle_grid")),
+         says=("StyleKitStyleAdapter", "shuffle_grid"), seconds=LITERAL),
     # Style guidance.
     Case("style discriminator: truncated checkpoint.pth",
          lambda: p.with_style_guidance(seed=1, discriminator="stylekit_bad_truncated.pth"),
@@ -239,21 +245,24 @@ CORPUS = [
                                                      "style_image"),
          says=("StyleKit Style Guidance", "style_image", "NaN")),
     Case("style guidance: negative scale", lambda: p.with_style_guidance(seed=1, scale=-10.0),
-         says=("StyleKitStyleGuidance", "scale")),
+         says=("StyleKitStyleGuidance", "scale"), seconds=LITERAL),
     # Out-of-range numbers.
-    Case("ipadapter: weight -5", _ip(weight=-5.0), says=("StyleKitIPAdapter", "weight")),
+    Case("ipadapter: weight -5", _ip(weight=-5.0), says=("StyleKitIPAdapter", "weight"), seconds=LITERAL),
     Case("ipadapter: a block weight of -50", _ip(blocks="custom (block_weights)", block_weights='{"output 4": -50}'),
          says=(IPA, "block_weights", "-50")),
-    Case("ipadapter: start after end", _ip(start_percent=0.8, end_percent=0.2), says=(IPA, "end_percent")),
+    Case("ipadapter: start after end", _ip(start_percent=0.8, end_percent=0.2), says=(IPA, "end_percent"),
+         seconds=LITERAL),
     Case("style aligned: shared_score_scale -1", lambda: p.with_style_aligned(seed=1, shared_score_scale=-1.0),
-         says=("StyleKitStyleAligned", "shared_score_scale")),
-    Case("ipadapter: unknown block preset", _ip(blocks="every other block"), says=("StyleKitIPAdapter", "blocks")),
+         says=("StyleKitStyleAligned", "shared_score_scale"), seconds=LITERAL),
+    Case("ipadapter: unknown block preset", _ip(blocks="every other block"), says=("StyleKitIPAdapter", "blocks"),
+         seconds=LITERAL),
 ]
 
 
 @pytest.mark.parametrize("case", CORPUS, ids=[c.name for c in CORPUS])
 def test_bad_input_gives_a_clear_node_error_and_the_server_keeps_serving(server, bad_files, case):
     prompt = case.build()
+    started = time.monotonic()
     try:
         server.run(prompt, timeout=300)
         outcome, message = RUNS, ""
@@ -261,9 +270,13 @@ def test_bad_input_gives_a_clear_node_error_and_the_server_keeps_serving(server,
         outcome, message = ERROR, str(err)
     except ServerError as err:
         outcome, message = "crash", str(err)
+    elapsed = time.monotonic() - started
     OUTCOMES.append((case.name, outcome, message))
     assert server.alive(), f"the server died on {case.name}:\n{server.log_tail()}"
     assert server.get("/system_stats")["system"]  # still answering
     assert outcome == case.outcome, message or "the prompt ran"
     missing = [s for s in case.says if s not in message]
     assert not missing, f"the error does not say {missing}: {message}"
+    if case.seconds is not None:
+        REFUSAL_SECONDS.append((case.name, elapsed))
+        assert elapsed < case.seconds, f"refused after {elapsed:.2f} s"

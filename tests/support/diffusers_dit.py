@@ -52,4 +52,6 @@ def diffusers_twin_and_key_map(model_patcher) -> tuple[torch.nn.Module, dict[str
 
             twin = UNet2DConditionModel(**diffusers_config(config))
             key_map = comfy.utils.unet_to_diffusers(config)
-    return twin, key_map
+    # Core 0.33's maps also name aliases of the same weights (LyCORIS LoKr keys) that the twin lacks.
+    keys = set(twin.state_dict())
+    return twin, {k: v for k, v in key_map.items() if k in keys}

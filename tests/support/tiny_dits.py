@@ -49,7 +49,18 @@ def tiny_flux(seed: int = 0, **overrides):
     import comfy.model_base
     import comfy.supported_models
 
-    return _patcher(comfy.supported_models.Flux, comfy.model_base.Flux, {**TINY_FLUX, **overrides}, seed)
+    return _patcher(comfy.supported_models.Flux, comfy.model_base.Flux, flux_config(**overrides), seed)
+
+
+def flux_config(**overrides) -> dict:
+    """TINY_FLUX (with overrides) for the running core: core 0.33's FluxParams also requires
+    txt_ids_dims, which its detection sets to [] for Flux.1 (text ids carry no positions)."""
+    from comfy.ldm.flux.model import FluxParams
+
+    config = {**TINY_FLUX, **overrides}
+    if "txt_ids_dims" in getattr(FluxParams, "__dataclass_fields__", {}):
+        config.setdefault("txt_ids_dims", [])
+    return config
 
 
 def tiny_mmdit(seed: int = 0, **config):
