@@ -169,8 +169,10 @@ def api_to_ui(api: dict, object_info: dict, note: str | None = None,
         }
         if models and models.get(node_id):
             entry["properties"]["models"] = models[node_id]
+        # Always written: a node without a title shows the core's display name, which cores rename
+        # (DualCLIPLoader is "Load CLIP (Dual)" on 0.33), and the frontend queues it as _meta.title.
         title = node.get("_meta", {}).get("title")
-        if title and title != info.get("display_name"):
+        if title:
             entry["title"] = title
         column_y[column] += height + ROW_GAP
         nodes.append(entry)

@@ -37,7 +37,8 @@ def test_widget_values_follow_frontend_rules():
     assert by_id[4]["widgets_values"] == [0, "fixed", 5.5, "hi", True]  # linked seed keeps a slot + control
     seed_input = [i for i in by_id[4]["inputs"] if i["name"] == "seed"][0]
     assert seed_input["widget"] == {"name": "seed"}
-    assert by_id[2]["title"] == "Style image" and "title" not in by_id[1]
+    # every node carries its title: a core may rename the display name the frontend would show instead
+    assert by_id[2]["title"] == "Style image" and by_id[1]["title"] == "Loader"
 
 
 def test_links_carry_the_origin_output_type_and_outputs_list_them():
