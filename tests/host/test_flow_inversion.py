@@ -161,7 +161,9 @@ def test_the_real_tiny_flux_inverts_through_a_model_patcher_deterministically_wi
     second = invert_flow(m, latent, *conds, schedule(m, 4), cfg=2.0, progress=False)
     assert torch.equal(first.states, second.states) and first.states.shape == (5, 2, 16, 8, 8)
     assert torch.isfinite(first.states).all() and not torch.equal(first.noise, first.states[-1])
-    assert updates[:4] == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    # Progress climbs to the last step; 0.3.75 reports every step, core 0.33 throttles (1, 4), (4, 4).
+    steps = [value for value, total in updates if total == 4]
+    assert steps and steps == sorted(steps) and steps[-1] == 4 and set(steps) <= {1, 2, 3, 4}
     assert len(calls) >= 8  # the network ran at every step, cond and uncond (cfg 2)
     back = forward(flux, first, conds, cfg=2.0)
     assert back.shape == latent.shape and torch.isfinite(back).all()
