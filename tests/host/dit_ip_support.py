@@ -4,6 +4,8 @@ core and through diffusers with the reference IP-Adapter processors, and a block
 pack" that records the image stream a block returns."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 from einops import rearrange
 
@@ -142,3 +144,29 @@ def sd35_diffusers_forward(twin, inputs: dict, sigma: float, file=None, adapter=
     with torch.no_grad():
         return twin(hidden_states=inputs["x"], encoder_hidden_states=inputs["context"], pooled_projections=inputs["y"],
                     timestep=torch.tensor([sigma * 1000]), joint_attention_kwargs=kwargs, return_dict=False)[0]
+
+
+
+def other_packs_overrides(temperature: float = 1.3, gain: float = 0.8) -> SimpleNamespace:
+    """Two other packs' attention overrides for the one optimized_attention_override slot: `before`
+    (set before our adapter; sharpens every query by `temperature`) and the one `chained_after(below)`
+    returns (set after ours, calling the slot's holder; scales every output by `gain`). `calls` counts
+    their runs; `reference(attention)` is the same pair applied to a plain attention function.
+    Plain functions, not bound methods: core's clone() deep-copies model_options, and a deep-copied
+    function stays itself where a bound method would carry a copied counter."""
+    calls = {"before": 0, "after": 0}
+
+    def before(func, *args, **kwargs):
+        calls["before"] += 1
+        return func(args[0] * temperature, *args[1:], **kwargs)
+
+    def chained_after(below):
+        def after(func, *args, **kwargs):
+            calls["after"] += 1
+            return gain * below(func, *args, **kwargs)
+        return after
+
+    def reference(attention):
+        return lambda query, *args, **kwargs: gain * attention(query * temperature, *args, **kwargs)
+
+    return SimpleNamespace(calls=calls, before=before, chained_after=chained_after, reference=reference)

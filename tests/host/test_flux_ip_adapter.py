@@ -18,7 +18,8 @@ from stylekit.patching.flux_ip_adapter import (FluxIPSettings, apply_flux_ip_ada
 from stylekit.patching.ip_adapter import AdapterMismatch
 from stylekit.tests.fixtures.dit_ip_adapters import xlabs_flux_shapes
 from stylekit.tests.fixtures.random_weights import random_state_dict
-from stylekit.tests.host.dit_ip_support import flux_block_output, flux_diffusers_forward, flux_forward, loaded_twin
+from stylekit.tests.host.dit_ip_support import (flux_block_output, flux_diffusers_forward, flux_forward,
+                                              loaded_twin, other_packs_overrides)
 from stylekit.tests.support.tiny_dits import TINY_FLUX, tiny_flux, tiny_mmdit
 
 HIDDEN, CONTEXT, CLIP, TOKENS, TEXT = TINY_FLUX["hidden_size"], 48, 24, 4, 6
@@ -153,34 +154,22 @@ def test_other_packs_attention_overrides_set_before_and_after_ours_both_run_chai
     # that chains onto it after both run, on core's joint attention and on our image attention alike.
     import diffusers.models.transformers.transformer_flux as diffusers_flux
 
-    temperature, gain = 1.3, 0.8
-    calls = {"before": 0, "after": 0}
-
-    def pack_before(func, *args, **kwargs):   # sharpens every query
-        calls["before"] += 1
-        return func(args[0] * temperature, *args[1:], **kwargs)
-
+    packs = other_packs_overrides()
     base = flux.clone()
-    base.model_options["transformer_options"]["optimized_attention_override"] = pack_before
+    base.model_options["transformer_options"]["optimized_attention_override"] = packs.before
     file = adapter_file(31)
     adapter = xlabs_flux_from_state_dict(file, "a")
     tokens = flux_image_tokens(adapter, embeds(32))
     m = apply_flux_ip_adapter(base, adapter, tokens, FluxIPSettings(weight=0.8))
     below = m.model_options["transformer_options"]["optimized_attention_override"]
-    assert below is pack_before   # ours did not take the slot
-
-    def pack_after(func, *args, **kwargs):    # scales every attention output, chained onto the slot's holder
-        calls["after"] += 1
-        return gain * below(func, *args, **kwargs)
-
-    m.model_options["transformer_options"]["optimized_attention_override"] = pack_after
+    assert below is packs.before   # ours did not take the slot
+    m.model_options["transformer_options"]["optimized_attention_override"] = packs.chained_after(below)
     ours = flux_forward(m, inputs)
     attention_calls = 2 * TINY_FLUX["depth"] + TINY_FLUX["depth_single_blocks"]   # joint + ours per double, single
-    assert calls == {"before": attention_calls, "after": attention_calls}
+    assert packs.calls == {"before": attention_calls, "after": attention_calls}
 
     dispatch = diffusers_flux.dispatch_attention_fn
-    monkeypatch.setattr(diffusers_flux, "dispatch_attention_fn",
-                        lambda query, *args, **kwargs: gain * dispatch(query * temperature, *args, **kwargs))
+    monkeypatch.setattr(diffusers_flux, "dispatch_attention_fn", packs.reference(dispatch))
     theirs = flux_diffusers_forward(twin, inputs, [(file, tokens.cond)], [[0.8, 0.8]])
     monkeypatch.undo()
     scale = theirs.abs().max()

@@ -12,7 +12,8 @@ from stylekit.host.block_weights import CUSTOM
 from stylekit.patching.sd35_ip_adapter import SD35IPSettings, apply_sd35_ip_adapter
 from stylekit.tests.fixtures.dit_ip_adapters import instantx_sd35_shapes
 from stylekit.tests.fixtures.random_weights import random_state_dict
-from stylekit.tests.host.dit_ip_support import loaded_twin, sd35_block_output, sd35_diffusers_forward, sd35_forward
+from stylekit.tests.host.dit_ip_support import (loaded_twin, other_packs_overrides, sd35_block_output,
+                                              sd35_diffusers_forward, sd35_forward)
 from stylekit.tests.support.tiny_dits import tiny_mmdit
 
 EMBED, SIGMA = 40, 0.7
@@ -177,32 +178,20 @@ def test_a_block_whose_qk_norm_has_a_zero_gain_recomputes_its_projections_and_st
 def test_other_packs_attention_overrides_set_before_and_after_ours_both_run_chained(mmdit, twin, inputs, monkeypatch):
     # Our term joins the joint attention through the override slot for one block call; overrides other
     # packs put in the slot, before or after our adapter, still run on core's attention and on ours.
-    temperature, gain = 1.3, 0.8
-    calls = {"before": 0, "after": 0}
-
-    def pack_before(func, *args, **kwargs):   # sharpens every query
-        calls["before"] += 1
-        return func(args[0] * temperature, *args[1:], **kwargs)
-
+    packs = other_packs_overrides()
     base = mmdit.clone()
-    base.model_options["transformer_options"]["optimized_attention_override"] = pack_before
+    base.model_options["transformer_options"]["optimized_attention_override"] = packs.before
     file = adapter_file(16)
     adapter = dit_adapter_from_state_dict(file, "ip-adapter.bin")
     m = apply_sd35_ip_adapter(base, adapter, inputs["features"], SD35IPSettings(weight=0.6))
     below = m.model_options["transformer_options"]["optimized_attention_override"]
-    assert below is pack_before   # ours did not take the slot
-
-    def pack_after(func, *args, **kwargs):    # scales every attention output, chained onto the slot's holder
-        calls["after"] += 1
-        return gain * below(func, *args, **kwargs)
-
-    m.model_options["transformer_options"]["optimized_attention_override"] = pack_after
+    assert below is packs.before   # ours did not take the slot
+    m.model_options["transformer_options"]["optimized_attention_override"] = packs.chained_after(below)
     ours = core_forward(m, inputs)
-    assert calls == {"before": 4, "after": 4}   # per joint block: core's joint attention and our IP attention
+    assert packs.calls == {"before": 4, "after": 4}   # per joint block: core's joint attention and our IP attention
 
     sdpa = torch.nn.functional.scaled_dot_product_attention
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
-                        lambda query, *args, **kwargs: gain * sdpa(query * temperature, *args, **kwargs))
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", packs.reference(sdpa))
     theirs = diffusers_forward(twin, inputs, file, adapter, [0.6, 0.6])
     monkeypatch.undo()
     scale = theirs.abs().max()
