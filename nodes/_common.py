@@ -211,6 +211,13 @@ def literal_validator(node_cls: type[io.ComfyNode], schema: io.Schema) -> classm
     return classmethod(validate_inputs)
 
 
+def check_percent_order(node: str, start_percent: float, end_percent: float) -> None:
+    """A start/end percent window (IP-Adapter family, style guidance): both in 0..1, start first."""
+    if not 0.0 <= start_percent <= end_percent <= 1.0:
+        raise node_error(node, "end_percent", f"start_percent {start_percent} must not be after end_percent "
+                         f"{end_percent}; set end_percent >= start_percent")
+
+
 def check_count(node: str, input_name: str, count: int, limit: int, what: str, fix: str) -> None:
     """Refuse more than `limit` items (references, lines, images) before any work on them."""
     if count > limit:

@@ -17,7 +17,7 @@ from ..host.block_weights import CUSTOM as CUSTOM_WEIGHTS, BlockWeightsError, pa
 from ..host.blocks import BlockNameError, check_list_length
 from ..host.layer_select import CUSTOM as CUSTOM_BLOCKS
 from ..sampling.conditioning import prompt_lines
-from ._common import check_pixels, node_error
+from ._common import check_percent_order, check_pixels, node_error
 
 Check = Callable[[str, dict], None]
 
@@ -25,9 +25,8 @@ Check = Callable[[str, dict], None]
 def _percent_order(node: str, inputs: dict) -> None:
     """start_percent after end_percent (IP-Adapter family, style guidance: the same text)."""
     start, end = inputs.get("start_percent"), inputs.get("end_percent")
-    if start is not None and end is not None and not 0.0 <= start <= end <= 1.0:
-        raise node_error(node, "end_percent", f"start_percent {start} must not be after end_percent "
-                         f"{end}; set end_percent >= start_percent")
+    if start is not None and end is not None:
+        check_percent_order(node, start, end)
 
 
 def _block_weights(node: str, inputs: dict) -> None:

@@ -21,7 +21,7 @@ from ..dit_adapters.xlabs_flux import XLabsFluxAdapter
 from ..patching.flux_ip_adapter import apply_flux_ip_adapter_embeds, refuse_unet_adapter_on_dit
 from ..patching.sd35_ip_adapter import apply_sd35_ip_adapter_embeds
 from ..patching.ip_adapter import AdapterMismatch, IPAdapterSettings, apply_ip_adapter_embeds
-from ._common import DISPLAY_NAMES, MAX_REFERENCES, category, check_images, node_error
+from ._common import DISPLAY_NAMES, MAX_REFERENCES, category, check_images, check_percent_order, node_error
 
 IPAdapterType = io.Custom("STYLEKIT_IPADAPTER")
 ImageEmbedsType = io.Custom("STYLEKIT_IMAGE_EMBEDS")
@@ -66,9 +66,7 @@ def _mask_frames(mask: torch.Tensor | None) -> torch.Tensor | None:
 
 def settings_from_inputs(node: str, weight, start_percent, end_percent, blocks, block_weights, combine,
                          attn_mask=None) -> IPAdapterSettings:
-    if not 0.0 <= start_percent <= end_percent <= 1.0:
-        raise node_error(node, "end_percent", f"start_percent {start_percent} must not be after end_percent "
-                         f"{end_percent}; set end_percent >= start_percent")
+    check_percent_order(node, start_percent, end_percent)
     if blocks not in PRESETS:
         raise node_error(node, "blocks", f"unknown preset {blocks!r}; choose one of {', '.join(PRESETS)}")
     if combine not in COMBINE:

@@ -12,7 +12,8 @@ from ..sampling.style_guidance import (DECODERS, EXACT, MODES, TAESD_DECODER, St
                                        StyleGuidanceSettings, apply_style_guidance, style_guidance_guider)
 from ..style_discriminator.files import (StyleDiscriminatorFileError, load_style_discriminator,
                                          style_discriminator_files)
-from ._common import DISPLAY_NAMES, MAX_REFERENCES, category, check_images, node_error, percent_inputs
+from ._common import (DISPLAY_NAMES, MAX_REFERENCES, category, check_images, check_percent_order, node_error,
+                      percent_inputs)
 
 StyleDiscriminatorType = io.Custom("STYLEKIT_STYLE_DISCRIMINATOR")
 CATEGORY = category("style guidance")
@@ -101,9 +102,7 @@ def guidance_inputs() -> list:
 
 
 def settings_from_inputs(node: str, scale, every, start_percent, end_percent, mode, decoder) -> StyleGuidanceSettings:
-    if not 0.0 <= start_percent <= end_percent <= 1.0:
-        raise node_error(node, "end_percent", f"start_percent {start_percent} must not be after end_percent "
-                         f"{end_percent}; set end_percent >= start_percent")
+    check_percent_order(node, start_percent, end_percent)
     return StyleGuidanceSettings(scale=scale, every=every, start_percent=start_percent, end_percent=end_percent,
                                  mode=mode, decoder=decoder)
 
