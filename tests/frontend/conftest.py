@@ -3,6 +3,7 @@ headless Chromium, driven by Playwright against the session's server. Skipped, w
 where Chromium is not installed (scripts/bootstrap.py installs it on root Debian machines)."""
 from __future__ import annotations
 
+import re
 import shutil
 
 import pytest
@@ -16,15 +17,31 @@ CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-q
 SCREENSHOTS = WORK / "frontend"
 
 
-def skip_unless_pinned_frontend() -> None:
-    """For tests that read the pinned core's frontend dialogs. Core 0.33 ships frontend 1.49.6,
-    which reports missing nodes and models in a new panel (missing-model-resolution), not in
-    these dialogs; those tests are not written for it yet (measured: the rest of this layer passes)."""
-    from stylekit.tests.support.paths import PINNED_CORE, host_version
+# Where a frontend reports a loaded workflow's problems. The pinned frontend (1.32) opens dialogs
+# (.comfy-missing-models, a "missing nodes" dialog); newer ones (1.49, core 0.33) raise an error
+# overlay whose "see errors" button opens a side panel with one group per kind of problem. Which
+# one a page has is read from the app's own Pinia stores, not from the core's version number.
+MISSING_NODES = re.compile(r"missing nodes", re.IGNORECASE)
+PINIA = "document.getElementById('vue-app').__vue_app__.config.globalProperties.$pinia"
 
-    if host_version() != PINNED_CORE:
-        pytest.skip(f"reads the missing-nodes/models dialogs of core {PINNED_CORE}'s frontend; "
-                    f"core {host_version()}'s frontend shows them in another panel")
+
+def has_errors_panel(page) -> bool:
+    return page.evaluate(f"() => {PINIA}._s.has('missingNodesError')")
+
+
+def errors_panel_group(page, group: str) -> list[str]:
+    """Texts of the errors panel's `group` (e.g. error-group-missing-node): opens the panel from the
+    error overlay; [] when the frontend raised no overlay."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    see_errors = page.locator("[data-testid=error-overlay-see-errors]")
+    try:
+        see_errors.wait_for(state="visible", timeout=3_000)
+    except PlaywrightTimeout:
+        return []
+    see_errors.click()
+    page.wait_for_selector("[data-testid=errors-summary-hero]", timeout=10_000)
+    return [e.inner_text() for e in page.query_selector_all(f"[data-testid={group}]")]
 
 
 @pytest.fixture(scope="session")
@@ -68,6 +85,14 @@ class Frontend:
 
     def queued_prompt(self) -> dict:
         return self.page.evaluate("async () => (await window.app.graphToPrompt()).output")
+
+    def missing_node_reports(self) -> list[str]:
+        """What the frontend shows the user about node types nobody registered, in either UI."""
+        if has_errors_panel(self.page):
+            if not self.page.evaluate(f"() => {PINIA}._s.get('missingNodesError').hasMissingNodes"):
+                return []
+            return errors_panel_group(self.page, "error-group-missing-node")
+        return [t for t in self.dialog_texts() if MISSING_NODES.search(t)]
 
     def unregistered_node_types(self) -> list[str]:
         return self.page.evaluate(

@@ -178,3 +178,16 @@ def test_patch_shuffle_refuses_an_empty_batch(comfy_host):
 
     with pytest.raises(ValueError, match="StyleKit Patch Shuffle: input 'image': the image batch is empty"):
         StyleKitPatchShuffle.execute(image=torch.zeros(0, 64, 64, 3), grid=2, seed=0)
+
+
+def test_errors_quote_control_and_format_characters_escaped_not_as_themselves():
+    from stylekit.host.echo import echo
+    from stylekit.training.lora_file import normalized_lora_name
+
+    assert echo("a\0b\nc\x1b[2Jd\u202ee") == r"'a\x00b\nc\x1b[2Jd\u202ee'"
+    assert echo("plain name.safetensors") == "'plain name.safetensors'"
+    with pytest.raises(ValueError) as err:
+        normalized_lora_name("StyleKit/a\0b\nc")
+    message = str(err.value)
+    assert "control character" in message and r"a\x00b\nc" in message
+    assert message.isprintable(), repr(message)
