@@ -18,6 +18,7 @@ A negative image, when given, replaces the unconditional reference.
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import comfy.model_management
@@ -97,13 +98,36 @@ def check_clip_vision(adapter: IPAdapter, clip_vision) -> None:
         f"{have}-d ({given}); load the {needed} vision model{hint} with Load CLIP Vision")
 
 
+# Unconds that depend only on the vision model (an all-zero normalised image; a black image, which
+# is black at any size after CLIP's resize and crop) are computed once per loaded model, not at
+# every apply: a CLIP forward each time (about 10 s for ViT-L on CPU). Keyed weakly, so an unloaded
+# model takes its entries with it; callers get a copy, so nothing they do reaches the cache.
+_UNCOND_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _cached_uncond(clip_vision, key: tuple, compute) -> torch.Tensor:
+    per_model = _UNCOND_CACHE.setdefault(clip_vision, {})
+    if key not in per_model:
+        per_model[key] = compute()
+    return per_model[key].clone()
+
+
 def _zero_image_features(clip_vision, count: int) -> torch.Tensor:
     """Penultimate hidden states of an all-zero normalised image (the reference uncond), [count, S, H]."""
-    comfy.model_management.load_model_gpu(clip_vision.patcher)
+    def compute() -> torch.Tensor:
+        comfy.model_management.load_model_gpu(clip_vision.patcher)
+        size = clip_vision.image_size
+        pixels = torch.zeros(1, 3, size, size, device=clip_vision.load_device)
+        hidden = clip_vision.model(pixel_values=pixels, intermediate_output=-2)[1]
+        return hidden.to(comfy.model_management.intermediate_device()).float()
+    return _cached_uncond(clip_vision, ("zero-normalised",), compute).expand(count, -1, -1)
+
+
+def _black_image_features(clip_vision, source: str, crop: bool) -> torch.Tensor:
+    """The features of a black picture (zeros before CLIP's normalisation), [1, ...]."""
     size = clip_vision.image_size
-    pixels = torch.zeros(1, 3, size, size, device=clip_vision.load_device)
-    hidden = clip_vision.model(pixel_values=pixels, intermediate_output=-2)[1]
-    return hidden.to(comfy.model_management.intermediate_device()).float().expand(count, -1, -1)
+    return _cached_uncond(clip_vision, ("black", source, crop),
+                          lambda: _encode(clip_vision, torch.zeros(1, size, size, 3), source, crop))
 
 
 def _encode(clip_vision, images: torch.Tensor, source: str, crop: bool) -> torch.Tensor:
@@ -112,10 +136,11 @@ def _encode(clip_vision, images: torch.Tensor, source: str, crop: bool) -> torch
 
 @torch.no_grad()  # inference only; with autograd on, core's fp16->fp32 weight casts stay alive (GBs)
 def encode_images(clip_vision, images: torch.Tensor, source: str, negative_images: torch.Tensor | None = None,
-                  crop: bool = True, zero_uncond: bool = False) -> ImageEmbeds:
+                  crop: bool = True, zero_uncond: bool = False, black_uncond: bool = False) -> ImageEmbeds:
     """CLIP vision features of a batch of reference images (IMAGE [N, H, W, 3]) for an adapter that
     reads `source`, with the reference-implementation uncond, or the negative images' features.
-    `zero_uncond`: zero features whatever the source (InstantX SD3.5's uncond), so no zero image is encoded."""
+    `zero_uncond`: zero features whatever the source (InstantX SD3.5's uncond), so no zero image is encoded;
+    `black_uncond`: a black image's features (XLabs Flux, as diffusers' Flux pipeline encodes it)."""
     if source not in (IMAGE_EMBEDS, PENULTIMATE):
         raise ValueError(f"unknown CLIP vision output {source!r}")
     cond = _encode(clip_vision, images, source, crop)
@@ -124,6 +149,8 @@ def encode_images(clip_vision, images: torch.Tensor, source: str, negative_image
             raise ValueError(f"{negative_images.shape[0]} negative images for {cond.shape[0]} reference images: "
                              "give one negative image, or one per reference image")
         uncond = _encode(clip_vision, negative_images, source, crop).expand_as(cond)
+    elif black_uncond:
+        uncond = _black_image_features(clip_vision, source, crop).expand_as(cond)
     elif source == IMAGE_EMBEDS or zero_uncond:
         uncond = torch.zeros_like(cond)
     else:

@@ -54,10 +54,10 @@ def _encode_for(ipadapter, clip_vision, image, negative_image, crop: bool = True
     """The reference images' embeds with the uncond of the adapter's reference pipeline unless a negative
     image is given: zero features for InstantX SD3.5 (diffusers; no zero image is encoded), a black
     image's embedding for XLabs Flux (diffusers' Flux pipeline), zeros / a zero image for the others."""
-    if negative_image is None and isinstance(ipadapter, XLabsFluxAdapter):
-        negative_image = torch.zeros_like(image[:1])
+    reference_uncond = negative_image is None
     return encode_images(clip_vision, image, ipadapter.clip_input, negative_image, crop=crop,
-                         zero_uncond=negative_image is None and isinstance(ipadapter, InstantXSD35Adapter))
+                         zero_uncond=reference_uncond and isinstance(ipadapter, InstantXSD35Adapter),
+                         black_uncond=reference_uncond and isinstance(ipadapter, XLabsFluxAdapter))
 
 
 def _mask_frames(mask: torch.Tensor | None) -> torch.Tensor | None:

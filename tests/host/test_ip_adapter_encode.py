@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from stylekit.ip_adapter.content import ContentSubtractionError, pooled_text_embeds, subtract_content
-from stylekit.ip_adapter.encode import (ClipVisionMismatch, ImageEmbeds, check_clip_vision, encode_images,
-                                        image_tokens)
+from stylekit.ip_adapter.encode import (_UNCOND_CACHE, ClipVisionMismatch, ImageEmbeds, check_clip_vision,
+                                        encode_images, image_tokens)
 from stylekit.ip_adapter.files import load_ip_adapter
 from stylekit.ip_adapter.model import IMAGE_EMBEDS, PENULTIMATE
 from stylekit.tests.fixtures.registry import CLIP_TEXT_VIT_H, CLIP_VISION_VIT_H
@@ -71,8 +71,37 @@ def test_zero_uncond_is_zero_features_and_the_tower_runs_for_the_references_only
     embeds = encode_images(vit_h, _images(2), PENULTIMATE, zero_uncond=True)
     assert len(calls) == 1 and torch.equal(embeds.uncond, torch.zeros_like(embeds.cond))
     calls.clear()
+    _UNCOND_CACHE.pop(vit_h, None)
     encode_images(vit_h, _images(2), PENULTIMATE)
     assert len(calls) == 2  # the reference uncond of plus adapters: one zero image encoded
+
+
+def _counting_forwards(vit_h, monkeypatch) -> list:
+    calls = []
+    forward = vit_h.model.forward
+    monkeypatch.setattr(vit_h.model, "forward", lambda *a, **k: (calls.append(1), forward(*a, **k))[1])
+    return calls
+
+
+def test_unconds_that_depend_only_on_the_vision_model_are_encoded_once_per_model(vit_h, monkeypatch):
+    _UNCOND_CACHE.pop(vit_h, None)
+    calls = _counting_forwards(vit_h, monkeypatch)
+    first = encode_images(vit_h, _images(2), PENULTIMATE)
+    assert len(calls) == 2                       # the references, then the zero-normalised image
+    calls.clear()
+    second = encode_images(vit_h, _images(2, seed=1), PENULTIMATE)
+    assert len(calls) == 1 and torch.equal(second.uncond, first.uncond)
+    # XLabs Flux's uncond, a black picture: black at any size once resized and cropped, so the
+    # features of one 224-pixel black image are exactly those of the reference-sized one.
+    for side, forwards in ((300, 2), (512, 1)):
+        calls.clear()
+        embeds = encode_images(vit_h, _images(1, side=side), PENULTIMATE, black_uncond=True)
+        assert len(calls) == forwards
+        black = vit_h.encode_image(torch.zeros(1, side, side, 3)).penultimate_hidden_states.float()
+        assert torch.equal(embeds.uncond, black)
+    # What a caller does to its embeds does not reach the cache.
+    second.uncond.add_(1.0)
+    assert torch.equal(encode_images(vit_h, _images(2), PENULTIMATE).uncond, first.uncond)
 
 
 def test_several_references_concat_their_tokens_or_average_their_features(comfy_host):
