@@ -119,7 +119,7 @@ LITERAL_CASES = [
     ("StyleKitDreamBoothTrain", dict(lora_name="x" * 300),
      "StyleKit DreamBooth LoRA Train: input 'lora_name': a part of the name is 300 bytes long, beyond the limit"),
     ("StyleKitDreamBoothTrain", dict(lora_name="StyleKit/a\0b"),
-     "StyleKit DreamBooth LoRA Train: input 'lora_name': 'StyleKit/a\0b' holds a control character"),
+     "StyleKit DreamBooth LoRA Train: input 'lora_name': 'StyleKit/a\\x00b' holds a control character"),
     ("StyleKitBLoRATrain", dict(lora_name="con"),
      "StyleKit B-LoRA Train: input 'lora_name': 'con' cannot be a file or folder name on every system"),
 ]
